@@ -1,0 +1,202 @@
+"""Selective-scan benchmark: fwd and fwd+bwd milliseconds for the shapes of BENCHMARKS.md.
+
+    python benchmarks/scan.py                         # S1-S4 at d_state 16, plus S1 at d_state 64
+    python benchmarks/scan.py --shapes S1 --impls pallas --variants 16:4,32:8
+
+bf16 u, delta, z, B, C; fp32 A, D, delta_bias; delta_softplus; z gate on; B/C shared (b, l, n).
+Each configuration is checked against impl="reference" on a slice first, then timed: ten calls
+queued back to back and synchronised once, median over repeats. Prints a table with ratios to the
+mamba_ssm CUDA anchors and writes JSON (device, jax version, date, commit) to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import pallas_kernels  # noqa: E402
+from mamba_jax.scan import selective_scan  # noqa: E402
+
+SHAPES = {  # name: (b, d_inner, L)
+    "S1": (8, 1536, 2048),
+    "S2": (4, 4096, 2048),
+    "S3": (2, 2048, 16384),
+    "S4": (1, 1536, 131072),
+}
+# mamba_ssm selective_scan_cuda on one H100 80GB HBM3, 2026-11-22 (BENCHMARKS.md): fwd, fwd+bwd ms.
+CUDA_ANCHORS = {"S1": (0.451, 2.29), "S2": (0.596, 3.02), "S3": (1.42, 6.42), "S4": (4.55, 20.25)}
+
+
+def make_inputs(b, e, length, n, seed=0, dtype=jnp.bfloat16):
+    ks = jax.random.split(jax.random.key(seed), 8)
+    u = jax.random.normal(ks[0], (b, length, e), dtype)
+    delta = (jax.random.normal(ks[1], (b, length, e)) - 2.0).astype(dtype)
+    A = -jnp.exp(jax.random.uniform(ks[2], (e, n), minval=0.0, maxval=np.log(n)))
+    B = jax.random.normal(ks[3], (b, length, n), dtype)
+    C = jax.random.normal(ks[4], (b, length, n), dtype)
+    D = jax.random.normal(ks[5], (e,))
+    z = jax.random.normal(ks[6], (b, length, e), dtype)
+    bias = jax.random.uniform(ks[7], (e,), minval=-4.0, maxval=-2.0)
+    return u, delta, A, B, C, D, z, bias
+
+
+def scan_fn(impl, block_sizes=None):
+    if impl == "pallas":
+
+        def f(u, delta, A, B, C, D, z, bias):
+            return pallas_kernels.selective_scan_pallas(
+                u, delta, A, B, C, D, z, bias, delta_softplus=True, block_sizes=block_sizes
+            )[0]
+    else:
+
+        def f(u, delta, A, B, C, D, z, bias):
+            return selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, impl=impl)
+
+    return f
+
+
+def fwd_bwd_fn(f):
+    def loss(*args):
+        return jnp.sum(f(*args).astype(jnp.float32))
+
+    return jax.grad(loss, argnums=tuple(range(8)))
+
+
+def time_ms(fn, args, repeats=15, inner=10):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = [fn(*args) for _ in range(inner)]
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) * 1e3 / inner)
+    return float(np.median(times))
+
+
+def check(impl, block_sizes, b, e, n, length=1024):
+    """Max |err| / max |ref| of fwd and of every gradient against the fp32 reference."""
+    args = make_inputs(b, e, length, n, seed=1)
+    f, ref = scan_fn(impl, block_sizes), scan_fn("reference")
+    errs = {}
+    y, y_ref = jax.jit(f)(*args), jax.jit(ref)(*args)
+    rel = lambda a, r: float(jnp.max(jnp.abs(a.astype(jnp.float32) - r.astype(jnp.float32))) / jnp.max(jnp.abs(r.astype(jnp.float32))))  # fmt: skip
+    errs["y"] = rel(y, y_ref)
+    g, g_ref = jax.jit(fwd_bwd_fn(f))(*args), jax.jit(fwd_bwd_fn(ref))(*args)
+    for name, a, r in zip("u delta A B C D z bias".split(), g, g_ref, strict=True):
+        errs["d" + name] = rel(a, r)
+    return errs
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def parse_variants(text):
+    if not text:
+        return [None]
+    out = []
+    for item in text.split(","):
+        tile, sub, *rest = (int(x) if x else None for x in item.split(":"))
+        kw = dict(zip(("chunks", "target_blocks"), rest, strict=False))
+        if kw.get("target_blocks") is None:
+            kw.pop("target_blocks", None)
+        out.append(pallas_kernels.BlockSizes(tile=tile, sub=sub, **kw))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="S1,S2,S3,S4")
+    parser.add_argument("--impls", default="pallas,associative,mamba_ssm")
+    parser.add_argument(
+        "--variants", default="", help="pallas block sizes tile:sub[:chunks[:target_blocks]],..."
+    )
+    parser.add_argument("--no-n64", action="store_true", help="skip the d_state 64 row")
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = parser.parse_args()
+
+    device = jax.devices()[0].device_kind
+    rows = []
+    configs = [(s, 16) for s in args.shapes.split(",")]
+    if not args.no_n64:
+        configs.append((configs[0][0], 64))
+    impls = args.impls.split(",")
+    if "mamba_ssm" in impls:
+        try:
+            import mamba_ssm  # noqa: F401
+        except ImportError:
+            print("mamba_ssm is not importable: its rows are skipped")
+            impls.remove("mamba_ssm")
+    for shape, n in configs:
+        b, e, length = SHAPES[shape]
+        for impl in impls:
+            variants = parse_variants(args.variants) if impl == "pallas" else [None]
+            for bs in variants:
+                row = dict(shape=shape, b=b, d=e, L=length, n=n, impl=impl)
+                if bs is not None:
+                    row["block_sizes"] = dict(
+                        tile=bs.tile, sub=bs.sub, chunks=bs.chunks, target_blocks=bs.target_blocks
+                    )
+                if impl == "mamba_ssm":
+                    print("mamba_ssm timing is not wired in this script; use the CUDA anchors")
+                    continue
+                if impl == "associative" and shape == "S4":
+                    row["fwd_ms"] = row["fwd_bwd_ms"] = None  # (b, l, e, n) chunks exceed memory
+                    rows.append(row)
+                    continue
+                first = (shape, n) == configs[0] or n != 16
+                if not args.no_check and impl == "pallas" and first:
+                    row["rel_err"] = check(impl, bs, b=2, e=min(e, 512), n=n)
+                inputs = make_inputs(b, e, length, n)
+                f = scan_fn(impl, bs)
+                row["fwd_ms"] = time_ms(jax.jit(f), inputs)
+                row["fwd_bwd_ms"] = time_ms(jax.jit(fwd_bwd_fn(f)), inputs)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    print(f"\nselective scan, {device}, jax {jax.__version__}, bf16, ms (median)")
+    print(f"{'shape':5} {'n':>3} {'impl':12} {'variant':10} {'fwd':>8} {'fwd+bwd':>8} "
+          f"{'CUDA/fwd':>8} {'CUDA/f+b':>8}")  # fmt: skip
+    for r in rows:
+        cf, cb = CUDA_ANCHORS[r["shape"]] if r["n"] == 16 else (None, None)
+        fmt = lambda x: f"{x:8.3f}" if x is not None else f"{'-':>8}"
+        ratio = lambda c, x: f"{c / x:8.2f}" if c and x else f"{'-':>8}"
+        bs = r.get("block_sizes")
+        var = f"{bs['tile']}:{bs['sub']}:{bs['chunks'] or ''}:{bs['target_blocks']}" if bs else ""
+        print(f"{r['shape']:5} {r['n']:3d} {r['impl']:12} {var:10} {fmt(r['fwd_ms'])} "
+              f"{fmt(r['fwd_bwd_ms'])} {ratio(cf, r['fwd_ms'])} {ratio(cb, r['fwd_bwd_ms'])}")  # fmt: skip
+
+    date = datetime.datetime.now(datetime.UTC)
+    out = dict(
+        device=device,
+        jax_version=jax.__version__,
+        date=date.isoformat(timespec="seconds"),
+        commit=git_commit(),
+        cuda_anchors=CUDA_ANCHORS,
+        rows=rows,
+    )
+    path = pathlib.Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    name = f"scan_{date:%Y%m%d_%H%M%S}_{device.replace(' ', '_')}.json"
+    (path / name).write_text(json.dumps(out, indent=1))
+    print(f"wrote {path / name}")
+
+
+if __name__ == "__main__":
+    main()

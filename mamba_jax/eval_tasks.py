@@ -1,0 +1,244 @@
+"""Accuracy of a trained model on the synthetic tasks, at any length, in bounded memory.
+
+    python -m mamba_jax.eval_tasks --task induction_heads --checkpoint runs/induction_heads \
+        --num 1000 --out benchmarks/results/tasks_induction_heads.json
+
+Sequences are fed in chunks through the model's cache (`logits, cache = model(ids, cache=cache)`
+carries the conv and SSM states exactly), so memory depends on the chunk, not on the length,
+and only the predictions at the scored positions (the last 16 for Selective Copying, the last one
+for Induction Heads) are kept. Every evaluated sequence is fresh: examples come from an evaluation
+seed that training never uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mamba_jax.model import MambaLM
+from mamba_jax.tasks import TASKS, make_task, task_batch
+
+EVAL_SEED = 1 << 21  # neither a training seed nor seed + VALIDATION_SEED_OFFSET
+DEFAULT_LENGTHS = {
+    "selective_copying": [4096],
+    "induction_heads": [2**k for k in range(6, 21)],
+}
+
+
+def with_scan_impl(model: MambaLM, impl: str) -> MambaLM:
+    """The same parameters in a model whose scan runs with `impl`."""
+    if model.config.scan_impl == impl:
+        return model
+    config = model.config.replace(scan_impl=impl)
+    twin = nnx.eval_shape(lambda: MambaLM(config, rngs=nnx.Rngs(0)))
+    nnx.update(twin, nnx.state(model))
+    return twin
+
+
+class TailPredictor:
+    """Runs (b, l) token ids through the model chunk by chunk and returns the argmax predictions
+    at the last `tail` positions, (b, tail) int32. Compiles once per chunk length."""
+
+    def __init__(self, model: MambaLM, vocab_size: int):
+        self.graphdef, self.state = nnx.split(model)
+        self.model = model
+        self.vocab_size = vocab_size
+        self._step = jax.jit(self._chunk, static_argnames="tail")
+
+    def _chunk(self, state, cache, ids, tail):
+        model = nnx.merge(self.graphdef, state)
+        logits, cache = model(ids, cache=cache)  # (b, c, v_pad)
+        # Padded vocab entries are never valid answers.
+        preds = jnp.argmax(logits[:, -tail:, : self.vocab_size], axis=-1).astype(jnp.int32)
+        return cache, preds  # (b, tail)
+
+    def __call__(self, ids: np.ndarray, tail: int, chunk: int) -> np.ndarray:
+        b, l = ids.shape
+        if not 1 <= tail <= l:
+            raise ValueError(f"tail must be in [1, l={l}], got {tail}")
+        cache = self.model.init_cache(b)
+        preds = np.zeros((b, 0), np.int32)
+        for start in range(0, l, chunk):
+            piece = jnp.asarray(ids[:, start : start + chunk], jnp.int32)
+            k = min(tail, piece.shape[1])
+            cache, p = self._step(self.state, cache, piece, tail=k)
+            preds = np.concatenate([preds, np.asarray(p)], axis=1)[:, -tail:]
+        return preds
+
+
+def pick_chunk(length: int, batch: int, chunk_tokens: int) -> int:
+    """The largest power-of-two chunk with batch * chunk <= chunk_tokens (at least 16), capped at l."""
+    chunk = 16
+    while chunk * 2 * batch <= chunk_tokens:
+        chunk *= 2
+    return min(chunk, length)
+
+
+def fastest_scan_impl(model: MambaLM, batch: int, chunk: int, candidates=None) -> str:
+    """Times one chunk's forward with each scan implementation that runs here and returns the
+    fastest whose predictions agree with the sequential reference's."""
+    candidates = candidates or ("reference", "associative", "pallas")
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, chunk))
+    tail = min(16, chunk)
+    times, preds = {}, {}
+    for impl in candidates:
+        try:
+            predictor = TailPredictor(with_scan_impl(model, impl), model.config.vocab_size)
+            predictor(ids, tail, chunk)  # compile
+            t0 = time.perf_counter()
+            preds[impl] = predictor(ids, tail, chunk)
+            times[impl] = time.perf_counter() - t0
+        except Exception as err:  # an impl that does not run here is simply not a candidate
+            print(f"scan impl {impl!r} unavailable: {type(err).__name__}: {err}"[:300])
+    if "reference" in preds:
+        for impl in list(times):
+            agree = float(np.mean(preds[impl] == preds["reference"]))
+            if agree < 0.99:  # argmax may flip on near-ties, never on many positions
+                print(f"scan impl {impl!r} disagrees with the reference ({agree:.3f}); skipped")
+                del times[impl]
+    if not times:
+        raise RuntimeError("no scan implementation ran")
+    print("chunk forward seconds by scan impl:", {k: round(v, 4) for k, v in times.items()})
+    return min(times, key=times.get)
+
+
+def evaluate(
+    model: MambaLM,
+    task,
+    length: int | None = None,
+    num: int = 1000,
+    *,
+    batch: int = 1000,
+    chunk_tokens: int = 2**21,
+    seed: int = EVAL_SEED,
+    predictor: TailPredictor | None = None,
+    progress: bool = True,
+) -> dict:
+    """Accuracy over `num` fresh sequences: the fraction of scored tokens predicted right (16 per
+    sequence for Selective Copying, 1 for Induction Heads). `task` is a task object from
+    mamba_jax.tasks, or a task name together with `length`."""
+    from tqdm.auto import tqdm
+
+    if isinstance(task, str):
+        if length is None:
+            raise ValueError(f"evaluate({task!r}, ...) needs a length")
+        task = make_task(task, length, model.config.vocab_size)
+    task_name, length = task.name, task.seq_len
+    predictor = predictor or TailPredictor(model, task.vocab_size)
+    correct = total = 0
+    t0 = time.perf_counter()
+    with tqdm(total=num, desc=f"{task_name} l={length}", disable=not progress, leave=False) as bar:
+        for start in range(0, num, batch):
+            count = min(batch, num - start)
+            ex = task_batch(task, seed, start, count)
+            tail = int(ex["mask"].sum(axis=1).max())
+            # Both tasks score only the last positions; check it rather than assume it.
+            if not np.all(ex["mask"][:, -tail:] == 1):
+                raise ValueError(f"{task_name}: scored positions are not the last {tail}")
+            chunk = pick_chunk(length, count, chunk_tokens)
+            preds = predictor(ex["inputs"], tail, chunk)
+            correct += int(np.sum(preds == ex["targets"][:, -tail:]))
+            total += preds.size
+            bar.update(count)
+    return {
+        "length": length,
+        "num_sequences": num,
+        "scored_tokens": total,
+        "accuracy": correct / total,
+        "chance": task.chance,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run(model, task_name, lengths, num, batch, chunk_tokens, scan_impl, seed, out=None, extra=None):
+    """Evaluates every length; returns the results dict, also written to `out` as JSON after
+    each length (so a run cut short keeps what it measured)."""
+    if scan_impl == "fastest":
+        longest = max(lengths)
+        b = min(batch, num)
+        scan_impl = fastest_scan_impl(model, b, pick_chunk(longest, b, chunk_tokens))
+    model = with_scan_impl(model, scan_impl)
+    predictor = TailPredictor(model, model.config.vocab_size)
+    result = {
+        "task": task_name,
+        "selective": model.config.selective,
+        "model": {"d_model": model.config.d_model, "n_layer": model.config.n_layer},
+        "scan_impl": scan_impl,
+        "eval_seed": seed,
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        **(extra or {}),
+        "results": [],
+    }
+    for length in lengths:
+        row = evaluate(
+            model, task_name, length, num, batch=batch, chunk_tokens=chunk_tokens, seed=seed,
+            predictor=predictor,
+        )  # fmt: skip
+        print(f"{task_name} l={length:>8d}  acc={row['accuracy']:.4f}  ({row['seconds']} s)")
+        result["results"].append(row)
+        if out:
+            with open(out, "w") as f:
+                json.dump(result, f, indent=2)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint directory")
+    parser.add_argument("--lengths", default=None, help="comma-separated; default per task")
+    parser.add_argument("--num", type=int, default=1000, help="fresh sequences per length")
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--chunk-tokens", type=int, default=2**21, help="batch x chunk bound")
+    parser.add_argument(
+        "--scan-impl", default="fastest",
+        choices=("fastest", "reference", "associative", "pallas", "auto"),
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=EVAL_SEED)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    from mamba_jax.checkpoint import read_config, restore_model
+
+    model, _ = restore_model(args.checkpoint)
+    config, step = read_config(args.checkpoint)
+    trained_on = getattr(config.data, "task", None)
+    if trained_on not in (None, args.task):
+        raise ValueError(f"--task {args.task}, but the checkpoint was trained on {trained_on}")
+    lengths = (
+        [int(x) for x in args.lengths.split(",")] if args.lengths else DEFAULT_LENGTHS[args.task]
+    )
+    extra = {
+        "checkpoint": args.checkpoint,
+        "train_step": step,
+        "train_seq_len": config.train.seq_len,
+        "train_batch_size": config.train.batch_size,
+    }
+    return run(
+        model, args.task, lengths, args.num, args.batch, args.chunk_tokens, args.scan_impl,
+        args.seed, out=args.out, extra=extra,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

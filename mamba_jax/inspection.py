@@ -1,0 +1,270 @@
+"""Looking inside the selective scan: discretisation, per-layer intermediates, and scan costs.
+
+These helpers back the notebooks: they compute what the paper's figures show (the decay
+exp(Δ A), the Δ, B and C a trained model produces token by token, the work and depth of the
+parallel scan, and memory and time as the length grows) with the package's own code paths.
+
+(Named `inspection`, not `inspect`, so that running a file from inside the package directory
+never shadows the standard library's `inspect`.)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mamba_jax.scan import IMPLS, selective_scan
+
+DISCRETIZATIONS = ("zoh", "euler")
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuous to discrete.
+
+
+def discretize(delta, A, B, method="zoh"):
+    """The discrete (A_bar, B_bar) of one step, per channel and state.
+
+    Args:
+      delta: (..., e) the step Δ', already biased and softplus-ed (positive).
+      A: (e, n), negative (A = -exp(A_log)).
+      B: (..., n), with the same leading dimensions as delta.
+      method: "zoh" (zero-order hold, paper eq. 4: B_bar = (exp(Δ A) - 1) / A · B) or "euler"
+        (B_bar = Δ B, the simplification Mamba's kernel uses; paper section 3.5).
+
+    Returns:
+      A_bar, B_bar: (..., e, n). A_bar = exp(Δ A) under both methods.
+    """
+    if method not in DISCRETIZATIONS:
+        raise ValueError(f"method must be one of {DISCRETIZATIONS}, got {method!r}")
+    delta, A, B = (jnp.asarray(x, jnp.float32) for x in (delta, A, B))
+    if A.ndim != 2 or delta.shape[-1:] != A.shape[:1]:
+        raise ValueError(
+            f"A must have shape (e, n) with e = delta.shape[-1]; got A {tuple(A.shape)}, "
+            f"delta {tuple(delta.shape)}"
+        )
+    if B.shape != (*delta.shape[:-1], A.shape[1]):
+        raise ValueError(
+            f"B must have shape (..., n)={(*delta.shape[:-1], A.shape[1])}, got {tuple(B.shape)}"
+        )
+    dA = delta[..., None] * A  # (..., e, n)
+    A_bar = jnp.exp(dA)
+    if method == "euler":
+        return A_bar, delta[..., None] * B[..., None, :]
+    # expm1 keeps small Δ A accurate; as A -> 0 the ZOH factor tends to Δ, the Euler value.
+    safe_A = jnp.where(A == 0, 1.0, A)
+    factor = jnp.where(A == 0, delta[..., None], jnp.expm1(dA) / safe_A)  # (..., e, n)
+    return A_bar, factor * B[..., None, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# What the mixers compute, layer by layer.
+
+
+class SSMIntermediates(NamedTuple):
+    """The selective scan's inputs in every layer, stacked on a leading (n_layer,) axis."""
+
+    hidden: jax.Array  # (n_layer + 1, b, l, d) residual stream entering each block, then the last
+    u: jax.Array  # (n_layer, b, l, e) the scan input, after the causal conv and silu
+    delta: jax.Array  # (n_layer, b, l, e) Δ before bias and softplus, as the mixer computes it
+    dt: jax.Array  # (n_layer, b, l, e) Δ' = softplus(delta + dt_proj.bias), the step the scan uses
+    B: jax.Array  # (n_layer, b, l, n)
+    C: jax.Array  # (n_layer, b, l, n)
+    z: jax.Array  # (n_layer, b, l, e) the gate branch
+
+
+def _mixer_scan_inputs(mixer, hidden):
+    """hidden: (b, l, d) normalised block input -> (u, delta, B, C, z), as MambaMixer.__call__."""
+    xz = mixer.in_proj(hidden)  # (b, l, 2e)
+    x, z = jnp.split(xz, 2, axis=-1)  # (b, l, e) each
+    x, _ = mixer.conv1d(x, None)
+    u = jax.nn.silu(x)
+    delta, B, C = mixer._ssm_inputs(u)  # (b, l, e), (b, l, n), (b, l, n)
+    return u, delta, B, C, z
+
+
+@nnx.jit
+def _intermediates(model, input_ids):
+    x = model.embedding(input_ids).astype(jnp.float32)  # (b, l, d)
+
+    def body(x, block):
+        u, delta, B, C, z = _mixer_scan_inputs(block.mixer, block.norm(x))
+        bias = block.mixer.dt_proj.bias[...].astype(jnp.float32)
+        dt = jax.nn.softplus(delta.astype(jnp.float32) + bias)  # (b, l, e)
+        return block(x), (x, u, delta, dt, B, C, z)
+
+    last, (xs, u, delta, dt, B, C, z) = nnx.scan(
+        body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0)
+    )(x, model.layers)
+    hidden = jnp.concatenate([xs, last[None]], axis=0)  # (n_layer + 1, b, l, d)
+    return SSMIntermediates(hidden, u, delta, dt, B, C, z)
+
+
+def ssm_intermediates(model, input_ids) -> SSMIntermediates:
+    """Runs `model` (a MambaLM) on input_ids (b, l) and returns every layer's scan inputs.
+
+    The block outputs come from the model's own blocks, so hidden[i + 1] is exactly what layer i
+    hands on; the scan inputs come from the same projections the mixer applies.
+    """
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(
+            f"input_ids must be an integer array of shape (b, l), "
+            f"got {input_ids.dtype} {tuple(input_ids.shape)}"
+        )
+    return _intermediates(model, input_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Work and depth of the parallel scan.
+
+
+def associative_scan_work_depth(length: int) -> dict:
+    """Counts the combine steps `lax.associative_scan` issues for a sequence of `length`.
+
+    The combine function is traced, never run: every call is one parallel step (depth) and its
+    leading size is how many pairs that step combines (work).
+    """
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+    calls = []
+
+    def combine(a, b):
+        if a.shape[0]:  # the recursion also issues empty combines, which do no work
+            calls.append(a.shape[0])
+        return a + b
+
+    jax.make_jaxpr(lambda x: jax.lax.associative_scan(combine, x))(
+        jax.ShapeDtypeStruct((length,), jnp.float32)
+    )
+    return {"length": length, "work": sum(calls), "depth": len(calls)}
+
+
+def scan_work_depth(length: int, chunk: int) -> dict:
+    """Combines and parallel steps of each scan for `length` tokens (per channel and state).
+
+    sequential: one combine per token, one after another.
+    associative: one `lax.associative_scan` over the whole sequence.
+    chunked: `impl="associative"`: associative scans inside chunks of `chunk` (the last one
+      padded), which run one after another; each then applies the incoming state to all its
+      positions, one more parallel step of `chunk` multiply-adds.
+    """
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    full = associative_scan_work_depth(length)
+    t = min(chunk, length)
+    n_chunks = -(-length // t)
+    inner = associative_scan_work_depth(t)
+    return {
+        "length": length,
+        "sequential": {"work": length, "depth": length},
+        "associative": {"work": full["work"], "depth": full["depth"]},
+        "chunked": {
+            "work": n_chunks * (inner["work"] + t),
+            "depth": n_chunks * (inner["depth"] + 1),
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory and wall time as the length grows.
+
+
+def _random_scan_inputs(key, b, length, e, n):
+    ks = jax.random.split(key, 6)
+    u = jax.random.normal(ks[0], (b, length, e), jnp.float32)  # (b, l, e)
+    delta = jax.random.normal(ks[1], (b, length, e), jnp.float32) - 2.0
+    A = -jnp.exp(jax.random.normal(ks[2], (e, n), jnp.float32))  # (e, n)
+    B = jax.random.normal(ks[3], (b, length, n), jnp.float32)  # (b, l, n)
+    C = jax.random.normal(ks[4], (b, length, n), jnp.float32)
+    z = jax.random.normal(ks[5], (b, length, e), jnp.float32)
+    return u, delta, A, B, C, z
+
+
+def measure_scan(impl, length, *, b=1, e=64, n=16, grad=False, reps=5, seed=0) -> dict:
+    """Compiles selective_scan for one size and measures it on the default backend.
+
+    Returns a dict with the size, XLA's memory_analysis() bytes of the compiled program (temp,
+    argument, output) and the median wall time in ms over `reps` runs after one warm-up.
+    With grad=True the program is forward + backward (the gradient of sum(y) w.r.t. u, delta,
+    A, B, C).
+    """
+    if impl not in IMPLS or impl == "auto":
+        raise ValueError(f"impl must be one of {IMPLS[1:]}, got {impl!r}")
+    args = _random_scan_inputs(jax.random.key(seed), b, length, e, n)
+
+    def forward(u, delta, A, B, C, z):
+        return selective_scan(u, delta, A, B, C, z=z, delta_softplus=True, impl=impl)
+
+    fn = jax.grad(lambda *a: jnp.sum(forward(*a)), argnums=(0, 1, 2, 3, 4)) if grad else forward
+    compiled = jax.jit(fn).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return {
+        "impl": impl,
+        "length": length,
+        "b": b,
+        "e": e,
+        "n": n,
+        "grad": grad,
+        "temp_bytes": int(mem.temp_size_in_bytes) if mem is not None else None,
+        "argument_bytes": int(mem.argument_size_in_bytes) if mem is not None else None,
+        "output_bytes": int(mem.output_size_in_bytes) if mem is not None else None,
+        "ms": 1e3 * statistics.median(times),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# A small single-device training loop for the synthetic tasks, for exploring on a laptop.
+# (train.py is the sharded, checkpointed trainer; this one trades all of that for brevity.)
+
+
+def masked_task_loss(model, inputs, targets, mask):
+    """inputs, targets: (b, l) int; mask: (b, l) float. Mean cross-entropy over the scored
+    positions, and the fraction of them predicted right."""
+    logits = model(inputs)[..., : model.config.vocab_size]  # (b, l, v): padding never predicted
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (b, l)
+    total = jnp.maximum(mask.sum(), 1.0)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(losses * mask) / total, jnp.sum(correct * mask) / total
+
+
+@nnx.jit
+def _task_step(model, optimizer, batch):
+    def loss_fn(model):
+        return masked_task_loss(model, batch["inputs"], batch["targets"], batch["mask"])
+
+    (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    return loss, accuracy
+
+
+def fit_task(model, task, *, steps, batch_size, lr=3e-3, seed=0, log_every=25):
+    """Trains `model` in place on fresh examples of `task` (from mamba_jax.tasks) with AdamW
+    (linear warmup, cosine decay, gradient clipping at 1). Returns the logged history, a list of
+    {"step", "loss", "accuracy", "seconds"} measured on each logged step's training batch."""
+    from mamba_jax.tasks import task_batch
+
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps=} {batch_size=}")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.98))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    history, start = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = jax.tree.map(jnp.asarray, task_batch(task, seed, step * batch_size, batch_size))
+        loss, accuracy = _task_step(model, optimizer, batch)
+        if step % log_every == 0 or step == steps:
+            history.append({"step": step, "loss": float(loss), "accuracy": float(accuracy),
+                            "seconds": time.perf_counter() - start})  # fmt: skip
+    return history

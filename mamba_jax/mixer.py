@@ -1,0 +1,136 @@
+"""MambaMixer: the selective SSM block (paper Figure 3, right; Algorithm 2)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mamba_jax.config import MambaConfig
+from mamba_jax.layers import (
+    CausalConv1d,
+    inverse_softplus,
+    logical_param,
+    partitioned,
+    scaled,
+    torch_linear_init,
+)
+from mamba_jax.scan import selective_scan, selective_scan_step
+
+
+class MambaMixer(nnx.Module):
+    """in_proj -> (x, z); x -> causal conv -> silu -> x_proj -> (dt, B, C); dt_proj -> Δ;
+    y = S6(x, Δ, A, B, C, D) * silu(z); out_proj(y).
+
+    With `config.selective=False` (the paper's Table 1 ablation) Δ, B and C are learned
+    per-channel/per-state constants that do not depend on the input: an LTI, S4-like layer.
+    """
+
+    def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        e, n, r, d = c.d_inner, c.d_state, c.dt_rank, c.d_model
+        dtype, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        self.dtype = dtype
+
+        def linear(fan_in, fan_out, names, init=None, use_bias=False):
+            return nnx.Linear(
+                fan_in, fan_out, use_bias=use_bias, dtype=dtype, param_dtype=pdt,
+                kernel_init=partitioned(init or torch_linear_init(fan_in), names),
+                bias_init=partitioned(nnx.initializers.zeros_init(), (names[1],)),
+                rngs=rngs,
+            )  # fmt: skip
+
+        self.in_proj = linear(d, 2 * e, ("embed", "inner"), use_bias=c.bias)
+        self.conv1d = CausalConv1d(
+            e, c.d_conv, use_bias=c.conv_bias, dtype=dtype, param_dtype=pdt, rngs=rngs
+        )
+        self.x_proj = linear(e, r + 2 * n, ("inner", None))
+        # dt_proj: weight ~ U(-r^-0.5, r^-0.5); bias = softplus^-1(dt), dt log-uniform in
+        # [dt_min, dt_max] (paper section 3.6 / appendix, official init). Kept in fp32.
+        self.dt_proj = nnx.Linear(
+            r, e, use_bias=True, dtype=dtype, param_dtype=jnp.float32,
+            kernel_init=partitioned(scaled(torch_linear_init(1), r**-0.5), (None, "inner")),
+            bias_init=partitioned(self._dt_bias_init, ("inner",)),
+            rngs=rngs,
+        )  # fmt: skip
+        # S4D-Real initialisation: A[d, i] = -(i + 1).
+        a_log = jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (e, n)))
+        self.A_log = logical_param(a_log, ("inner", None))
+        self.D = logical_param(jnp.ones((e,), jnp.float32), ("inner",))
+        out_init = torch_linear_init(e)
+        if c.rescale_prenorm_residual:
+            out_init = scaled(out_init, 1.0 / math.sqrt(c.n_layer))
+        self.out_proj = linear(e, d, ("inner", "embed"), init=out_init, use_bias=c.bias)
+        if not c.selective:
+            # Input-independent Δ (pre-softplus), B and C for the LTI ablation.
+            self.lti_dt = logical_param(jnp.zeros((e,), jnp.float32), ("inner",))
+            k1, k2 = jax.random.split(rngs.params())
+            self.lti_B = logical_param(jax.random.normal(k1, (n,), jnp.float32), (None,))
+            self.lti_C = logical_param(jax.random.normal(k2, (n,), jnp.float32), (None,))
+
+    def _dt_bias_init(self, key, shape, dtype=jnp.float32):
+        c = self.config
+        lo, hi = math.log(c.dt_min), math.log(c.dt_max)
+        dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32) * (hi - lo) + lo)
+        return inverse_softplus(jnp.maximum(dt, c.dt_init_floor)).astype(dtype)
+
+    def _ssm_inputs(self, x):
+        """x: (..., e) after conv and silu -> (delta (..., e), B (..., n), C (..., n))."""
+        c = self.config
+        if not c.selective:
+            shape = x.shape[:-1]
+            delta = jnp.broadcast_to(self.lti_dt[...], (*shape, c.d_inner)).astype(x.dtype)
+            B = jnp.broadcast_to(self.lti_B[...], (*shape, c.d_state)).astype(x.dtype)
+            C = jnp.broadcast_to(self.lti_C[...], (*shape, c.d_state)).astype(x.dtype)
+            return delta, B, C
+        x_dbl = self.x_proj(x)  # (..., r + 2n)
+        dt, B, C = jnp.split(x_dbl, [c.dt_rank, c.dt_rank + c.d_state], axis=-1)
+        # The dt bias is added inside the scan (with the softplus), as in the official kernel.
+        delta = dt @ self.dt_proj.kernel[...].astype(x.dtype)  # (..., e)
+        return delta, B, C
+
+    def __call__(self, hidden, cache=None):
+        """hidden: (b, l, d). cache: None or (conv (b, w - 1, e), ssm (b, e, n)).
+
+        Returns out (b, l, d), and the updated cache when one was given."""
+        c = self.config
+        xz = self.in_proj(hidden)  # (b, l, 2e)
+        x, z = jnp.split(xz, 2, axis=-1)  # (b, l, e) each
+        conv_state, ssm_state = cache if cache is not None else (None, None)
+        x, conv_state = self.conv1d(x, conv_state)
+        x = jax.nn.silu(x)
+        delta, B, C = self._ssm_inputs(x)
+        A = -jnp.exp(self.A_log[...].astype(jnp.float32))  # (e, n)
+        y, ssm_state = selective_scan(
+            x, delta, A, B, C, self.D[...], z, self.dt_proj.bias[...],
+            delta_softplus=True, initial_state=ssm_state, return_final_state=True,
+            impl=c.scan_impl,
+        )  # fmt: skip
+        out = self.out_proj(y)  # (b, l, d)
+        if cache is None:
+            return out
+        return out, (conv_state, ssm_state)
+
+    def step(self, hidden, cache):
+        """hidden: (b, d) one token; cache: (conv (b, w - 1, e), ssm (b, e, n)). Returns (out (b, d), cache)."""
+        conv_state, ssm_state = cache
+        xz = self.in_proj(hidden)  # (b, 2e)
+        x, z = jnp.split(xz, 2, axis=-1)
+        x, conv_state = self.conv1d.step(x, conv_state)
+        x = jax.nn.silu(x)
+        delta, B, C = self._ssm_inputs(x)
+        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        y, ssm_state = selective_scan_step(
+            x, delta, A, B, C, self.D[...], z, self.dt_proj.bias[...],
+            state=ssm_state, delta_softplus=True,
+        )  # fmt: skip
+        return self.out_proj(y), (conv_state, ssm_state)
+
+    def init_cache(self, batch_size: int):
+        c = self.config
+        conv = jnp.zeros((batch_size, c.d_conv - 1, c.d_inner), jnp.dtype(c.dtype))
+        ssm = jnp.zeros((batch_size, c.d_inner, c.d_state), jnp.float32)
+        return conv, ssm

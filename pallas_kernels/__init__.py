@@ -1,0 +1,255 @@
+"""Pallas selective-scan kernels for NVIDIA Hopper (Mosaic GPU), runnable in interpret mode on CPU.
+
+    y, final_state = selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias,
+                                           delta_softplus=True, initial_state=None)
+
+Semantics are mamba_jax.scan.selective_scan's (see its docstring); this package knows nothing of
+Flax or of mamba_jax. The README beside this file describes the algorithm and the timings.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _common as cm
+from pallas_kernels._common import BlockSizes
+from pallas_kernels.selective_scan_bwd import backward
+from pallas_kernels.selective_scan_fwd import forward
+
+__all__ = ["BlockSizes", "selective_scan_pallas", "supported", "unsupported_reason"]
+
+MAX_D_STATE = 256
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def unsupported_reason(*, batch, length, d, n, groups, dtype, backend=None, interpret=False):
+    """None when the kernel handles this call on `backend` (default jax.default_backend())."""
+    if not any(jnp.dtype(dtype) == jnp.dtype(t) for t in _DTYPES):
+        return f"dtype must be float32, bfloat16 or float16, got {jnp.dtype(dtype).name}"
+    if min(batch, length, d, n, groups) < 1:
+        return f"sizes must be positive, got {batch=} {length=} {d=} {n=} {groups=}"
+    if d % groups:
+        return f"groups={groups} must divide d={d}"
+    if n > MAX_D_STATE:
+        return f"d_state n={n} is above the kernel's limit of {MAX_D_STATE}"
+    if interpret:
+        return None
+    backend = backend or jax.default_backend()
+    if backend != "gpu":
+        return f"the Mosaic GPU kernel needs a GPU backend, got {backend!r}"
+    try:
+        kind = jax.devices("gpu")[0].device_kind
+        cap = getattr(jax.devices("gpu")[0], "compute_capability", None)
+    except RuntimeError as err:
+        return f"no GPU device: {err}"
+    if cap is not None and not str(cap).startswith("9"):
+        return f"the kernel targets Hopper (compute capability 9.x), got {kind} ({cap})"
+    if cap is None and "H100" not in kind and "H200" not in kind and "H800" not in kind:
+        return f"the kernel targets Hopper GPUs, got {kind}"
+    return None
+
+
+def supported(**kwargs) -> bool:
+    return unsupported_reason(**kwargs) is None
+
+
+def _check(name, x, shape, meaning, dtypes=_DTYPES):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(f"{name} must be an array, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {meaning}={tuple(shape)}, got {tuple(x.shape)}")
+    if not any(x.dtype == jnp.dtype(t) for t in dtypes):
+        names = ", ".join(jnp.dtype(t).name for t in dtypes)
+        raise ValueError(f"{name} must have dtype in ({names}), got {x.dtype}")
+
+
+def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    if not hasattr(u, "ndim") or u.ndim != 3:
+        raise ValueError(f"u must have shape (b, l, e), got {getattr(u, 'shape', type(u))}")
+    b, length, e = u.shape
+    _check("u", u, u.shape, "(b, l, e)")
+    _check("delta", delta, (b, length, e), "(b, l, e)")
+    if not hasattr(A, "ndim") or A.ndim != 2 or A.shape[0] != e:
+        raise ValueError(f"A must have shape (e, n) with e={e}, got {getattr(A, 'shape', A)}")
+    n = A.shape[1]
+    _check("A", A, (e, n), "(e, n)")
+    if not hasattr(B, "ndim") or B.ndim not in (3, 4):
+        raise ValueError(
+            f"B must have shape (b, l, n) or (b, l, g, n), got {getattr(B, 'shape', B)}"
+        )
+    g = 1 if B.ndim == 3 else B.shape[2]
+    shape_bc = (b, length, n) if B.ndim == 3 else (b, length, g, n)
+    meaning = "(b, l, n)" if B.ndim == 3 else "(b, l, g, n)"
+    _check("B", B, shape_bc, meaning)
+    _check("C", C, shape_bc, meaning)
+    if g < 1 or e % g:
+        raise ValueError(f"B/C groups g={g} must divide e={e}")
+    for name, x in (("D", D), ("delta_bias", delta_bias)):
+        if x is not None:
+            _check(name, x, (e,), "(e,)")
+    if z is not None:
+        _check("z", z, (b, length, e), "(b, l, e)")
+    if initial_state is not None:
+        _check("initial_state", initial_state, (b, e, n), "(b, e, n)")
+    return b, length, e, n, g
+
+
+def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
+                          delta_softplus=False, initial_state=None, interpret=False,
+                          block_sizes=None):  # fmt: skip
+    """u, delta, z: (b, l, e); A: (e, n) f32; B, C: (b, l, n) or (b, l, g, n); D, delta_bias: (e,)
+    f32; initial_state: (b, e, n) f32 or None. Returns (y (b, l, e) in u.dtype, final_state
+    (b, e, n) f32). Differentiable (custom_vjp) in every array argument, including initial_state,
+    and through final_state. interpret=True (or plgpu.InterpretGPUParams) runs on CPU."""
+    b, length, e, n, g = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    reason = unsupported_reason(
+        batch=b, length=length, d=e, n=n, groups=g, dtype=u.dtype, interpret=bool(interpret)
+    )
+    if reason is not None:
+        raise ValueError(f"selective_scan_pallas cannot run this call: {reason}")
+    plan = cm.make_plan(b, length, e, n, g, block_sizes or BlockSizes())
+    Bg = B if B.ndim == 4 else B[:, :, None, :]
+    Cg = C if C.ndim == 4 else C[:, :, None, :]
+    # The state and its parameters are fp32 inside (casts outside the custom_vjp return their
+    # cotangents in the caller's dtypes).
+    f32 = lambda x, shape: jnp.zeros(shape, jnp.float32) if x is None else x.astype(jnp.float32)
+    A, D, delta_bias = A.astype(jnp.float32), f32(D, (e,)), f32(delta_bias, (e,))
+    h0 = f32(initial_state, (b, e, n))
+    z_arg = z if z is not None else jnp.zeros((), u.dtype)
+    meta = (tuple(Bg.shape), jnp.dtype(B.dtype), jnp.dtype(C.dtype), jnp.dtype(z_arg.dtype))
+    static = (plan, bool(delta_softplus), interpret, z is not None, meta)
+    return _scan(static, u, delta, z_arg, Bg, Cg, A, D, delta_bias, h0)
+
+
+def _pad_operands(plan, u, delta, z, B, C, A, D, bias, h0):
+    pc, pl_, nt = cm.pad_channels, cm.pad_last, plan.n_total
+    plen = lambda x: cm.pad_length(x, plan)
+    u, delta = plen(pc(u, plan, 2)), plen(pc(delta, plan, 2))
+    z = plen(pc(z, plan, 2)) if z.ndim else None
+    B, C = plen(pl_(B, nt)), plen(pl_(C, nt))
+    A = pl_(pc(A, plan, 0), nt)
+    D, bias = pc(D, plan, 0), pc(bias, plan, 0)
+    h0 = pl_(pc(h0, plan, 1), nt)
+    return u, delta, z, B, C, A, D, bias, h0
+
+
+def _state_slices(plan):
+    return [slice(i * plan.n_pad, (i + 1) * plan.n_pad) for i in range(plan.n_split)]
+
+
+def _silu_parts(z):
+    zf = z.astype(jnp.float32)
+    sig = jax.nn.sigmoid(zf)
+    return zf * sig, sig * (1.0 + zf * (1.0 - sig))  # silu(z), silu'(z)
+
+
+def _forward(static, u, delta, z, B, C, A, D, bias, h0, save):
+    plan, softplus, interpret = static[:3]
+    padded = _pad_operands(plan, u, delta, z, B, C, A, D, bias, h0)
+    u_, delta_, z_, B_, C_, A_, D_, bias_, h0_ = padded
+    kw = dict(delta_softplus=softplus, save_checkpoints=save, interpret=interpret)
+    if plan.n_split == 1:
+        y, h, ckpt, dt_sum = forward(*padded, plan, **kw)
+        res = (padded, [ckpt], [dt_sum], None)
+    else:
+        # d_state > 16: independent 16-state scans whose partial outputs sum to y before D and z.
+        outs = [
+            forward(
+                u_,
+                delta_,
+                None,
+                B_[..., sl],
+                C_[..., sl],
+                A_[:, sl],
+                jnp.zeros_like(D_),
+                bias_,
+                h0_[..., sl],
+                plan,
+                y_dtype=jnp.float32,
+                **kw,
+            )  # fmt: skip
+            for sl in _state_slices(plan)
+        ]
+        y_pre = sum(o[0] for o in outs) + u_.astype(jnp.float32) * D_
+        y = y_pre if z_ is None else y_pre * _silu_parts(z_)[0]
+        y, h = y.astype(u.dtype), jnp.concatenate([o[1] for o in outs], axis=-1)
+        res = (padded, [o[2] for o in outs], [o[3] for o in outs], y_pre)
+    y = cm.unpad_channels(y[:, : plan.length], plan, 2)
+    h = cm.unpad_channels(h[..., : plan.n], plan, 1)
+    return (y, h), res
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(static, u, delta, z, B, C, A, D, bias, h0):
+    return _forward(static, u, delta, z, B, C, A, D, bias, h0, save=False)[0]
+
+
+def _scan_fwd(static, u, delta, z, B, C, A, D, bias, h0):
+    return _forward(static, u, delta, z, B, C, A, D, bias, h0, save=True)
+
+
+def _backward_split(plan, softplus, interpret, padded, ckpts, dt_sums, y_pre, gy, gh):
+    """d_state > 16: the z gate and D skip in JAX, then one backward kernel per 16 states."""
+    u, delta, z, B, C, A, D, bias, _ = padded
+    gy = gy.astype(jnp.float32)
+    dz = None
+    if z is not None:
+        silu, dsilu = _silu_parts(z)
+        gy, dz = gy * silu, (gy * y_pre * dsilu).astype(z.dtype)
+    parts = [
+        backward(
+            u,
+            delta,
+            None,
+            B[..., sl],
+            C[..., sl],
+            A[:, sl],
+            jnp.zeros_like(D),
+            bias,
+            ck,
+            dts,
+            gy,
+            gh[..., sl],
+            plan,
+            delta_softplus=softplus,
+            grad_dtype=jnp.float32,
+            interpret=interpret,
+        )  # fmt: skip
+        for sl, ck, dts in zip(_state_slices(plan), ckpts, dt_sums, strict=True)
+    ]
+    du = sum(p[0] for p in parts) + gy * D
+    cat = lambda i: jnp.concatenate([p[i] for p in parts], axis=-1)
+    dD = jnp.sum(gy * u.astype(jnp.float32), axis=(0, 1))
+    return (du.astype(u.dtype), sum(p[1] for p in parts).astype(delta.dtype), dz, cat(3),
+            cat(4), cat(5), dD, sum(p[7] for p in parts), cat(8))  # fmt: skip
+
+
+def _scan_bwd(static, res, cotangents):
+    plan, softplus, interpret, has_z, (b_shape, b_dtype, c_dtype, z_dtype) = static
+    padded, ckpts, dt_sums, y_pre = res
+    gy, gh = cotangents
+    gy = cm.pad_length(cm.pad_channels(gy, plan, 2), plan)
+    gh = cm.pad_last(cm.pad_channels(gh, plan, 1), plan.n_total)
+    if plan.n_split == 1:
+        u, delta, z, B, C, A, D, bias, _ = padded
+        grads = backward(u, delta, z, B, C, A, D, bias, ckpts[0], dt_sums[0], gy, gh, plan,
+                         delta_softplus=softplus, interpret=interpret)  # fmt: skip
+    else:
+        grads = _backward_split(plan, softplus, interpret, padded, ckpts, dt_sums, y_pre, gy, gh)
+    du, ddelta, dz, dB, dC, dA, dD, dbias, dh0 = grads
+    L = plan.length
+    uc = lambda x, axis: cm.unpad_channels(x, plan, axis)
+    du, ddelta = uc(du[:, :L], 2), uc(ddelta[:, :L], 2)
+    dz = uc(dz[:, :L], 2) if has_z else jnp.zeros((), z_dtype)
+    n = plan.n
+    dB, dC = dB[:, :L, ..., :n].reshape(b_shape), dC[:, :L, ..., :n].reshape(b_shape)
+    dA = uc(dA[:, :n], 0)
+    dD, dbias = uc(dD, 0), uc(dbias, 0)
+    dh0 = uc(dh0[..., :n], 1)
+    return (du, ddelta, dz, dB.astype(b_dtype), dC.astype(c_dtype), dA, dD, dbias, dh0)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)

@@ -1,0 +1,241 @@
+"""Pieces shared by the forward and backward selective-scan kernels.
+
+Thread mapping (both directions): one warpgroup (128 threads) per block, one thread per channel.
+A thread keeps its channel's n state values in registers, so the recurrence over n is plain
+per-thread arithmetic and the C contraction sum_n h C needs no communication. Tokens reach the
+block in T-token tiles that the Mosaic GPU pipeline copies into SMEM with TMA ahead of use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+W = 128  # channels per block: one warpgroup, one thread per channel
+# (W, n) arrays with row i in thread i's registers; the reduced layouts are a (W,) vector with one
+# element per thread, and an (n,) vector that every thread holds whole.
+STATE = plgpu.Layout.TCGEN05_TMEM_NATIVE(1)
+ROW = STATE.reduce(1)
+COL = STATE.reduce(0)
+NUM_SMS_HOPPER = 132
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of the scan kernels.
+
+    tile: tokens per pipeline step (one SMEM tile of every (l, e) input).
+    sub: tokens whose states the backward keeps in registers at once (divides tile); rounded up to
+      a multiple of 32 / n_block, the tokens per channel-sum round of dB and dC.
+    chunks: sequence chunks run in parallel (None: enough to give every SM several blocks).
+    target_blocks: blocks aimed for when choosing chunks automatically.
+    """
+
+    tile: int = 8
+    sub: int | None = None
+    chunks: int | None = None
+    target_blocks: int = 6 * NUM_SMS_HOPPER
+
+    def __post_init__(self):
+        if self.sub is not None and (self.tile < 1 or self.sub < 1 or self.tile % self.sub):
+            raise ValueError(f"BlockSizes: {self.sub=} must divide {self.tile=}, both positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static sizes of one call, after padding. e_pad % W == 0 within each group's slice."""
+
+    b: int
+    length: int  # true L; tokens at and past it are masked (dt = 0, an identity step)
+    e: int
+    n: int
+    g: int
+    e_pad: int
+    n_pad: int  # states per kernel block (8 or 16); all n_split blocks together hold n
+    tile: int
+    sub: int
+    n_tiles: int  # tiles covering L
+    tiles_per_chunk: int
+    n_chunks: int
+    n_split: int = 1  # d_state above 16 runs as n_split independent 16-state scans
+
+    @property
+    def length_pad(self):
+        """L rounded up to whole tiles: the (b, l, .) operands are zero-padded to it."""
+        return self.n_tiles * self.tile
+
+    @property
+    def n_total(self):
+        return self.n_pad * self.n_split
+
+    @property
+    def n_eblocks(self):
+        return self.e_pad // W
+
+    @property
+    def eblocks_per_group(self):
+        return self.n_eblocks // self.g
+
+
+def make_plan(b, length, e, n, g, block_sizes: BlockSizes) -> Plan:
+    p = e // g
+    p_pad = -(-p // W) * W
+    # Registers and SMEM hold a thread's states for several tokens, so a block takes at most 16
+    # states; TMA rows must be multiples of 16 bytes, so at least 8.
+    n_split = 1 if n <= 16 else -(-n // 16)
+    n_pad = -(-n // 8) * 8 if n <= 16 else 16
+    # The backward sums dB, dC over channels every 32 / n_pad tokens, so sub is a multiple of that.
+    rounds = 32 // n_pad
+    tile = block_sizes.tile
+    sub = block_sizes.sub or 4
+    sub = -(-sub // rounds) * rounds
+    if tile % sub:
+        raise ValueError(f"BlockSizes: tile={tile} must be a multiple of sub={sub}")
+    n_tiles = -(-length // tile)
+    blocks = b * g * (p_pad // W)
+    chunks = block_sizes.chunks
+    if chunks is None:
+        chunks = max(1, -(-block_sizes.target_blocks // blocks))
+    # Chunks split the tiles exactly: every TMA copy then stays inside its batch row. (A copy past
+    # the end of l is not clipped per dimension once the batch index is folded into the address:
+    # it would spill into the next batch row.) Take the divisor of n_tiles nearest the target.
+    divisors = [d for d in range(1, n_tiles + 1) if n_tiles % d == 0]
+    chunks = min(divisors, key=lambda d: (abs(math.log(d / chunks)), -d))
+    tiles_per_chunk = n_tiles // chunks
+    return Plan(b, length, e, n, g, g * p_pad, n_pad, tile, sub, n_tiles, tiles_per_chunk,
+                chunks, n_split)  # fmt: skip
+
+
+def pad_channels(x, plan: Plan, axis):
+    """Pads the channel axis (size e = g * p) to e_pad = g * p_pad so no block straddles a group."""
+    if plan.e_pad == plan.e:
+        return x
+    g = plan.g
+    p, p_pad = plan.e // g, plan.e_pad // g
+    shape = x.shape
+    x = x.reshape(*shape[:axis], g, p, *shape[axis + 1 :])
+    widths = [(0, 0)] * x.ndim
+    widths[axis + 1] = (0, p_pad - p)
+    x = jnp.pad(x, widths)
+    return x.reshape(*shape[:axis], g * p_pad, *shape[axis + 1 :])
+
+
+def unpad_channels(x, plan: Plan, axis):
+    if plan.e_pad == plan.e:
+        return x
+    g = plan.g
+    p, p_pad = plan.e // g, plan.e_pad // g
+    shape = x.shape
+    x = x.reshape(*shape[:axis], g, p_pad, *shape[axis + 1 :])
+    x = jax.lax.slice_in_dim(x, 0, p, axis=axis + 1)
+    return x.reshape(*shape[:axis], g * p, *shape[axis + 1 :])
+
+
+def pad_length(x, plan: Plan):
+    """Zero-pads axis 1 (l) of a (b, l, ...) operand to whole tiles."""
+    if x is None or x.shape[1] == plan.length_pad:
+        return x
+    return jnp.pad(x, [(0, 0), (0, plan.length_pad - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def pad_last(x, size):
+    if x.shape[-1] == size:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+
+
+# ----------------------------------------------------------------------------------------------
+# In-kernel helpers (Lane semantics: every array carries an explicit layout).
+
+
+def rows(x, n):
+    """(W,) per-thread scalar -> (W, n), broadcast along the thread's own state row."""
+    return plgpu.layout_cast(jax.lax.broadcast_in_dim(x, (W, n), (0,)), STATE)
+
+
+def cols(x):
+    """(n,) vector every thread holds -> (W, n)."""
+    return plgpu.layout_cast(jax.lax.broadcast_in_dim(x, (W, x.shape[0]), (1,)), STATE)
+
+
+def load_row(ref):
+    return plgpu.load(ref, layout=ROW, optimized=False).astype(jnp.float32)
+
+
+def load_col(ref):
+    return plgpu.load(ref, layout=COL, optimized=False).astype(jnp.float32)
+
+
+def load_state(ref):
+    return plgpu.load(ref, layout=STATE, optimized=False).astype(jnp.float32)
+
+
+def zeros_state(n):
+    return plgpu.layout_cast(jnp.zeros((W, n), jnp.float32), STATE)
+
+
+def zeros_row():
+    return plgpu.layout_cast(jnp.zeros((W,), jnp.float32), ROW)
+
+
+def softplus(x):
+    """mamba_ssm's softplus: x above 20, else log(1 + e^x), written stably for large |x|."""
+    soft = jnp.maximum(x, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(x)))
+    return jnp.where(x > 20.0, x, soft)
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def discretize(delta_raw, bias, valid, delta_softplus):
+    """Returns dt' (masked to 0 past L) and d dt'/d delta (for the backward)."""
+    x = delta_raw + bias
+    if delta_softplus:
+        dt = softplus(x)
+        ddt = jnp.where(x > 20.0, 1.0, sigmoid(x))
+    else:
+        dt, ddt = x, jnp.ones_like(x)
+    return jnp.where(valid, dt, 0.0), jnp.where(valid, ddt, 0.0)
+
+
+def compiler_params():
+    return plgpu.CompilerParams(
+        approx_math=True,
+        # Every thread reads and writes only its own channel's SMEM column, and the TMA copies are
+        # ordered by the pipeline's barriers and explicit commit_smem, so the lowering's
+        # conservative barrier before every SMEM store is not needed.
+        unsafe_no_auto_barriers=True,
+        lowering_semantics=plgpu.LoweringSemantics.Lane,
+    )
+
+
+def interpret_params(interpret):
+    if not interpret:
+        return None
+    if isinstance(interpret, plgpu.InterpretGPUParams):
+        return interpret
+    return plgpu.InterpretGPUParams()
+
+
+def chunk_combine(decay, local, h0):
+    """Start states of every chunk from its affine map h_end = decay * h_start + local.
+
+    decay, local: (b, c, e, n); h0: (b, e, n). Returns (b, c, e, n) start states."""
+    a_cum, cum = jax.lax.associative_scan(
+        lambda l, r: (l[0] * r[0], r[0] * l[1] + r[1]), (decay, local), axis=1
+    )
+    ends = a_cum * h0[:, None] + cum  # (b, c, e, n)
+    return jnp.concatenate([h0[:, None], ends[:, :-1]], axis=1)
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def prod(xs):
+    return math.prod(xs)

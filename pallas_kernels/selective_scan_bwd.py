@@ -1,0 +1,302 @@
+"""Backward selective-scan kernels (Mosaic GPU, Hopper): a reverse scan with recomputation.
+
+The adjoint of h_t = a_t h_{t-1} + dt_t u_t B_t (a_t = exp(dt_t A)) with y_t = h_t . C_t is
+    lam_t = G_t + gys_t C_t,   G_{t-1} = a_t lam_t   (G_L = the final state's cotangent)
+where gys_t is the cotangent of h_t . C_t. A chunk maps G at its end affinely to G at its start,
+with the same decay exp(A sum(dt)) as the forward, so chunks run in parallel as in the forward:
+pass 1 ("adjoint") runs each chunk backwards from G = 0, JAX composes the chunk maps, and the main
+pass runs each chunk backwards from its true end value.
+
+Main pass, per block (W = 128 channels, one chunk), tiles in reverse:
+  HBM -> SMEM: tiles of u, delta, z, dy (T, W), B, C (T, n), and the forward's saved state at the
+               tile's start (W, n) f32.
+  SMEM scratch: the state every `sub` tokens of the tile, from a forward sweep over the tile.
+  registers:   G, A, the dA/dD/d_bias accumulators, and the `sub` states of one sub-tile,
+               recomputed from its SMEM start state and walked backwards.
+  SMEM -> HBM: du, d_delta, dz tiles; per-block partials of dB, dC (T, n) f32 (summed over blocks
+               in JAX, in a fixed order, so the gradients are deterministic); at the end dA, dD,
+               d_bias partials and G at the chunk start (the initial state's cotangent for chunk 0).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _common as cm
+from pallas_kernels._common import W
+
+
+def _gate(gy, zz, y_pre):
+    """out = y_pre * silu(z): returns (d y_pre, dz)."""
+    sig = cm.sigmoid(zz)
+    silu = zz * sig
+    return gy * silu, gy * y_pre * sig * (1.0 + zz * (1.0 - sig))
+
+
+def adjoint_pass(delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, interpret=False):
+    """Pass 1: each chunk backwards from G = 0. Returns G at each chunk's start (b, c, e, n)."""
+    T, n = plan.tile, plan.n_pad
+    epg, tpc = plan.eblocks_per_group, plan.tiles_per_chunk
+    has_z = z is not None
+
+    def kernel(*refs):
+        it = iter(refs)
+        d_g = next(it)
+        z_g = next(it) if has_z else None
+        gy_g, C_g, A_g, bias_g, gloc_g, g_s = (next(it) for _ in range(6))
+        bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
+        e0 = pl.multiple_of(eb * W, W)
+        A_r = cm.load_state(A_g.at[pl.ds(e0, W)])
+        bias = cm.load_row(bias_g.at[pl.ds(e0, W)])
+        last = ci * tpc + tpc - 1
+
+        def body(idx, *srefs):
+            if has_z:
+                d_s, z_s, gy_s, C_s, G = srefs
+            else:
+                (d_s, gy_s, C_s, G), z_s = srefs, None
+            tile_idx = last - idx[0]
+
+            def step(i, G):
+                t = T - 1 - i
+                valid = tile_idx * T + t < plan.length
+                dt, _ = cm.discretize(cm.load_row(d_s.at[t]), bias, valid, delta_softplus)
+                gys = cm.load_row(gy_s.at[t])
+                if has_z:
+                    zz = cm.load_row(z_s.at[t])
+                    gys = gys * zz * cm.sigmoid(zz)
+                lam = G + cm.rows(gys, n) * cm.cols(cm.load_col(C_s.at[t]))
+                return jnp.exp(cm.rows(dt, n) * A_r) * lam
+
+            G = jax.lax.fori_loop(0, T, step, G)
+            # The pipeline refills this SMEM slot right after the body: all warps must be done.
+            plgpu.commit_smem()
+            return G
+
+        tok = pl.BlockSpec((None, T, W), lambda i: (bi, last - i, eb))
+        bc = pl.BlockSpec((None, T, None, n), lambda i: (bi, last - i, eb // epg, 0))
+        specs = [tok] + ([tok] if has_z else []) + [tok, bc]
+        ops = (d_g,) + ((z_g,) if has_z else ()) + (gy_g, C_g)
+        G = plgpu.emit_pipeline(
+            body, grid=(tpc,), in_specs=specs, max_concurrent_steps=2, init_carry=cm.zeros_state(n)
+        )(*ops)
+        g_s[...] = G
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(g_s, gloc_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.wait_smem_to_gmem(0)
+
+    b, c, e = plan.b, plan.n_chunks, plan.e_pad
+    ops = (delta,) + ((z,) if has_z else ()) + (gy, C, A, bias)
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((b, c, e, n), jnp.float32),
+        scratch_types=[plgpu.SMEM((W, n), jnp.float32)],
+        grid=(b, plan.n_eblocks, c),
+        grid_names=("b", "e", "c"),
+        compiler_params=cm.compiler_params(),
+        interpret=cm.interpret_params(interpret),
+        kernel_name="selective_scan_bwd_adjoint",
+    )(*ops)
+
+
+def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, delta_softplus,
+              grad_dtype=None, interpret=False):  # fmt: skip
+    """Gradients of every chunk, walking backwards from G_end (b, c, e, n) at each chunk's end.
+
+    dB and dC come back as per-block partial sums over the block's W channels, flattened as
+    (b, e_blocks, l_pad / R, 2 (dC, dB), R, n) with R = 32 / n tokens per channel-sum round."""
+    T, K, n = plan.tile, plan.sub, plan.n_pad
+    R = 32 // n  # tokens whose dB, dC products fill one 64-row WGMMA tile: 2 x R x n = 64
+    epg, tpc = plan.eblocks_per_group, plan.tiles_per_chunk
+    has_z = z is not None
+    n_copies = (3 if has_z else 2) + 1
+    du_dtype, dd_dtype = (grad_dtype, grad_dtype) if grad_dtype else (u.dtype, delta.dtype)
+
+    def kernel(*refs):
+        it = iter(refs)
+        u_g, d_g = next(it), next(it)
+        z_g = next(it) if has_z else None
+        B_g, C_g, gy_g, ck_g, A_g, D_g, bias_g, gend_g = (next(it) for _ in range(8))
+        du_g, dd_g = next(it), next(it)
+        dz_g = next(it) if has_z else None
+        dbc_g, dA_g, dD_g, dbias_g, dh_g = (next(it) for _ in range(5))
+        du_s, dd_s = next(it), next(it)
+        dz_s = next(it) if has_z else None
+        dbc_s, sub_s, vec_s, x_s = (next(it) for _ in range(4))
+
+        bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
+        e0 = pl.multiple_of(eb * W, W)
+        A_r = cm.load_state(A_g.at[pl.ds(e0, W)])
+        Dv = cm.load_row(D_g.at[pl.ds(e0, W)])
+        bias = cm.load_row(bias_g.at[pl.ds(e0, W)])
+        G0 = cm.load_state(gend_g.at[bi, ci, pl.ds(e0, W)])
+        last = ci * tpc + tpc - 1
+
+        def body(idx, *srefs):
+            if has_z:
+                u_s, d_s, z_s, B_s, C_s, gy_s, ck_s, carry = srefs
+            else:
+                (u_s, d_s, B_s, C_s, gy_s, ck_s, carry), z_s = srefs, None
+            tile_idx = last - idx[0]
+            slot = idx[0] % 2
+            plgpu.wait_smem_to_gmem(n_copies, wait_read_only=True)
+            G, dA_acc, dD_acc, db_acc = carry
+
+            def token(t):
+                valid = tile_idx * T + t < plan.length
+                dt, ddt = cm.discretize(cm.load_row(d_s.at[t]), bias, valid, delta_softplus)
+                return dt, ddt, cm.load_row(u_s.at[t])
+
+            def advance(h, t):
+                dt, _, uu = token(t)
+                Bt = cm.load_col(B_s.at[t])
+                return jnp.exp(cm.rows(dt, n) * A_r) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
+
+            # Forward sweep over the tile from its saved start state; keep every K-th state.
+            h = cm.load_state(ck_s)
+            for k in range(1, T // K):
+                h = jax.lax.fori_loop((k - 1) * K, k * K, lambda t, h: advance(h, t), h)
+                sub_s[k - 1] = h
+
+            for k in reversed(range(T // K)):
+                h_start = cm.load_state(ck_s if k == 0 else sub_s.at[k - 1])
+                hs, cache, h = [], [], h_start
+                for j in range(K):  # recompute this sub-tile's states into registers
+                    h = advance(h, k * K + j)
+                    hs.append(h)
+                    cache.append(token(k * K + j))
+                for j in reversed(range(K)):
+                    t = k * K + j
+                    dt, ddt, uu = cache[j]
+                    h_t, h_prev = hs[j], (hs[j - 1] if j else h_start)
+                    Bt, Ct = cm.load_col(B_s.at[t]), cm.load_col(C_s.at[t])
+                    gys = cm.load_row(gy_s.at[t])
+                    if has_z:
+                        y_pre = jnp.sum(h_t * cm.cols(Ct), axis=1) + Dv * uu
+                        gys, dz = _gate(gys, cm.load_row(z_s.at[t]), y_pre)
+                        dz_s[slot, t] = dz.astype(dz_s.dtype)
+                    lam = G + cm.rows(gys, n) * cm.cols(Ct)  # dL/dh_t
+                    if j % R == R - 1:
+                        plgpu.commit_smem()  # the last round's reads of x_s are done
+                    # Per-thread dC, dB products, stored transposed (state-major rows, one column
+                    # per thread) so that the stores are bank-conflict free.
+                    jj = j % R
+                    x_s.at[pl.ds(jj * n, n), pl.ds(0, W)].T[...] = cm.rows(gys, n) * h_t
+                    x_s.at[pl.ds((R + jj) * n, n), pl.ds(0, W)].T[...] = cm.rows(dt * uu, n) * lam
+                    if jj == 0:
+                        # Sum over channels: in the WGMMA layout a warp owns 16 whole rows, so
+                        # the sum is 32 adds and 2 shuffles per row, no cross-warp step.
+                        plgpu.commit_smem()
+                        x = plgpu.load(
+                            x_s.at[:, pl.ds(0, W)], layout=plgpu.Layout.WGMMA, optimized=False
+                        )
+                        dbc_s[slot, pl.ds((t // R) * 2 * R * n, 2 * R * n)] = jnp.sum(x, axis=1)
+                    s = jnp.sum(lam * cm.cols(Bt), axis=1)  # dL/d(dt u)
+                    a = jnp.exp(cm.rows(dt, n) * A_r)
+                    g_da = lam * h_prev * a  # dL/d(dt A)
+                    d_dt = (uu * s + jnp.sum(g_da * A_r, axis=1)) * ddt
+                    du_s[slot, t] = (dt * s + Dv * gys).astype(du_s.dtype)
+                    dd_s[slot, t] = d_dt.astype(dd_s.dtype)
+                    dA_acc = dA_acc + g_da * cm.rows(dt, n)
+                    dD_acc = dD_acc + gys * uu
+                    db_acc = db_acc + d_dt
+                    G = a * lam
+            plgpu.commit_smem()
+            rows_sl = pl.ds(tile_idx * T, T)
+            plgpu.copy_smem_to_gmem(du_s.at[slot], du_g.at[bi, rows_sl, pl.ds(e0, W)])
+            plgpu.copy_smem_to_gmem(dd_s.at[slot], dd_g.at[bi, rows_sl, pl.ds(e0, W)])
+            if has_z:
+                plgpu.copy_smem_to_gmem(dz_s.at[slot], dz_g.at[bi, rows_sl, pl.ds(e0, W)])
+            flat_sl = pl.ds(tile_idx * T * 2 * n, T * 2 * n)
+            plgpu.copy_smem_to_gmem(dbc_s.at[slot], dbc_g.at[bi, eb, flat_sl])
+            return G, dA_acc, dD_acc, db_acc
+
+        tok = pl.BlockSpec((None, T, W), lambda i: (bi, last - i, eb))
+        bc = pl.BlockSpec((None, T, None, n), lambda i: (bi, last - i, eb // epg, 0))
+        ck = pl.BlockSpec((None, None, W, n), lambda i: (bi, last - i, eb, 0))
+        specs = [tok, tok] + ([tok] if has_z else []) + [bc, bc, tok, ck]
+        ops = (u_g, d_g) + ((z_g,) if has_z else ()) + (B_g, C_g, gy_g, ck_g)
+        init = (G0, cm.zeros_state(n), cm.zeros_row(), cm.zeros_row())
+        G, dA_acc, dD_acc, db_acc = plgpu.emit_pipeline(
+            body, grid=(tpc,), in_specs=specs, max_concurrent_steps=2, init_carry=init
+        )(*ops)
+        plgpu.wait_smem_to_gmem(0)
+        plgpu.commit_smem()  # the sub_s slots are reused below
+        sub_s[0] = dA_acc
+        sub_s[1] = G
+        vec_s[0] = dD_acc
+        vec_s[1] = db_acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(sub_s.at[0], dA_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.copy_smem_to_gmem(sub_s.at[1], dh_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.copy_smem_to_gmem(vec_s.at[0], dD_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.copy_smem_to_gmem(vec_s.at[1], dbias_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.wait_smem_to_gmem(0)
+
+    b, c, e, L = plan.b, plan.n_chunks, plan.e_pad, plan.length_pad
+    f32 = jnp.float32
+    out_type = [
+        jax.ShapeDtypeStruct((b, L, e), du_dtype),
+        jax.ShapeDtypeStruct((b, L, e), dd_dtype),
+    ]
+    scratch = [plgpu.SMEM((2, T, W), du_dtype), plgpu.SMEM((2, T, W), dd_dtype)]
+    if has_z:
+        out_type.append(jax.ShapeDtypeStruct((b, L, e), z.dtype))
+        scratch.append(plgpu.SMEM((2, T, W), z.dtype))
+    out_type += [
+        jax.ShapeDtypeStruct((b, plan.n_eblocks, c * tpc * T * 2 * n), f32),
+        jax.ShapeDtypeStruct((b, c, e, n), f32),
+        jax.ShapeDtypeStruct((b, c, e), f32),
+        jax.ShapeDtypeStruct((b, c, e), f32),
+        jax.ShapeDtypeStruct((b, c, e, n), f32),
+    ]
+    scratch += [
+        plgpu.SMEM((2, T * 2 * n), f32),
+        plgpu.SMEM((max(T // K - 1, 2), W, n), f32),
+        plgpu.SMEM((2, W), f32),
+        # Rows padded by 8 words so the WGMMA-layout loads spread over the banks.
+        plgpu.SMEM((2 * R * n, W + 8), f32),
+    ]
+    ops = (u, delta) + ((z,) if has_z else ()) + (B, C, gy, ckpt, A, D, bias, G_end)
+    return plgpu.kernel(
+        kernel,
+        out_type=tuple(out_type),
+        scratch_types=scratch,
+        grid=(b, plan.n_eblocks, c),
+        grid_names=("b", "e", "c"),
+        compiler_params=cm.compiler_params(),
+        interpret=cm.interpret_params(interpret),
+        kernel_name="selective_scan_bwd",
+    )(*ops)
+
+
+def backward(u, delta, z, B, C, A, D, bias, ckpt, dt_sum, gy, gh, plan: cm.Plan, *,
+             delta_softplus, grad_dtype=None, interpret=False):  # fmt: skip
+    """All gradients on padded operands. gy: (b, l, e) cotangent of y; gh: (b, e, n) of the final
+    state. Returns (du, d_delta, dz or None, dB, dC (b, l, g, n) f32, dA, dD, d_bias, dh0)."""
+    if plan.n_chunks > 1:
+        g_loc = adjoint_pass(
+            delta, z, gy, C, A, bias, plan, delta_softplus=delta_softplus, interpret=interpret
+        )
+        decay = jnp.exp(dt_sum[..., None] * A)  # (b, c, e, n)
+        flip = lambda x: jnp.flip(x, axis=1)
+        G_end = flip(cm.chunk_combine(flip(decay), flip(g_loc), gh))
+    else:
+        G_end = gh[:, None]
+    outs = main_pass(
+        u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan, delta_softplus=delta_softplus,
+        grad_dtype=grad_dtype, interpret=interpret,
+    )  # fmt: skip
+    du, dd = outs[0], outs[1]
+    dz, rest = (outs[2], outs[3:]) if z is not None else (None, outs[2:])
+    dbc, dAp, dDp, dbp, dhs = rest
+    b, L, n, g = plan.b, plan.length_pad, plan.n_pad, plan.g
+    R = 32 // n
+    # (b, e_blocks, l_pad / R, 2, R, n) -> per group, blocks summed in a fixed order.
+    dbc = dbc.reshape(b, g, plan.eblocks_per_group, -1, 2, R, n).sum(2)
+    dbc = jnp.moveaxis(dbc, 3, 0).reshape(2, b, g, L, n)  # (2, b, g, l_pad, n)
+    dC, dB = jnp.moveaxis(dbc, 2, 3)  # (b, l, g, n) each
+    return (du, dd, dz, dB, dC, dAp.sum((0, 1)), dDp.sum((0, 1)), dbp.sum((0, 1)), dhs[:, 0])

@@ -1,0 +1,220 @@
+"""Forward selective-scan kernels (Mosaic GPU, Hopper).
+
+Grid (b, e / W, chunks). A block owns W = 128 channels of one batch row and one sequence chunk.
+  HBM  -> SMEM: T-token tiles of u, delta, z (T, W) and B, C (T, n), TMA, double buffered.
+  regs:        the (W, n) state h and A (one row per thread), D and delta_bias (one per thread).
+  SMEM -> HBM: y tiles (T, W), the chunk's end state, and (training) the state at each tile start.
+The (b, l, e, n) states never leave registers.
+
+Sequence chunks run in parallel in two passes. A chunk maps its start state affinely,
+h_end = exp(A sum(dt)) h_start + h_local, so pass 1 ("state") runs every chunk from a zero state
+and returns h_local and sum(dt); a tiny associative scan in JAX composes the chunk maps into each
+chunk's true start state; pass 2 ("full") reruns every chunk from its start state and writes y.
+With one chunk, pass 1 is skipped.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _common as cm
+from pallas_kernels._common import W
+
+
+def _chunk_tiles(plan, ci):
+    return ci * plan.tiles_per_chunk
+
+
+def _step_inputs(plan, refs, t, tile_idx, bias, delta_softplus):
+    """Loads token t of the current tile and discretizes delta. Returns (dt, u) as (W,) f32."""
+    u_s, d_s = refs
+    valid = tile_idx * plan.tile + t < plan.length
+    dt, _ = cm.discretize(cm.load_row(d_s.at[t]), bias, valid, delta_softplus)
+    return dt, cm.load_row(u_s.at[t])
+
+
+def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, interpret=False):
+    """Pass 1: every chunk from a zero state. Returns h_local (b, c, e, n) f32, sum dt (b, c, e)."""
+    T, n = plan.tile, plan.n_pad
+    epg = plan.eblocks_per_group
+
+    def kernel(u_g, d_g, B_g, A_g, bias_g, hloc_g, dts_g, h_s, dts_s):
+        bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
+        e0 = pl.multiple_of(eb * W, W)
+        A_r = cm.load_state(A_g.at[pl.ds(e0, W)])  # (W, n) regs
+        bias = cm.load_row(bias_g.at[pl.ds(e0, W)])
+        tile0 = _chunk_tiles(plan, ci)
+
+        def body(idx, u_s, d_s, B_s, carry):
+            tile_idx = tile0 + idx[0]
+
+            def step(t, carry):
+                h, dts = carry
+                dt, uu = _step_inputs(plan, (u_s, d_s), t, tile_idx, bias, delta_softplus)
+                Bt = cm.load_col(B_s.at[t])  # (n,)
+                h = jnp.exp(cm.rows(dt, n) * A_r) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
+                return h, dts + dt
+
+            carry = jax.lax.fori_loop(0, T, step, carry)
+            # The pipeline refills this SMEM slot right after the body: all warps must be done.
+            plgpu.commit_smem()
+            return carry
+
+        h, dts = plgpu.emit_pipeline(
+            body,
+            grid=(plan.tiles_per_chunk,),
+            in_specs=[
+                pl.BlockSpec((None, T, W), lambda i: (bi, tile0 + i, eb)),
+                pl.BlockSpec((None, T, W), lambda i: (bi, tile0 + i, eb)),
+                pl.BlockSpec((None, T, None, n), lambda i: (bi, tile0 + i, eb // epg, 0)),
+            ],
+            max_concurrent_steps=2,
+            init_carry=(cm.zeros_state(n), cm.zeros_row()),
+        )(u_g, d_g, B_g)
+        h_s[...] = h
+        dts_s[...] = dts
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(h_s, hloc_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.copy_smem_to_gmem(dts_s, dts_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.wait_smem_to_gmem(0)
+
+    b, c, e = plan.b, plan.n_chunks, plan.e_pad
+    return plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct((b, c, e, n), jnp.float32),
+            jax.ShapeDtypeStruct((b, c, e), jnp.float32),
+        ),
+        scratch_types=[plgpu.SMEM((W, n), jnp.float32), plgpu.SMEM((W,), jnp.float32)],
+        grid=(b, plan.n_eblocks, c),
+        grid_names=("b", "e", "c"),
+        compiler_params=cm.compiler_params(),
+        interpret=cm.interpret_params(interpret),
+        kernel_name="selective_scan_fwd_state",
+    )(u, delta, B, A, bias)
+
+
+def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_softplus,
+              save_checkpoints, y_dtype=None, interpret=False):  # fmt: skip
+    """Pass 2: every chunk from its start state h_start (b, c, e, n).
+
+    Returns y (b, l, e) in y_dtype (default u.dtype), the state after each chunk (b, c, e, n), and with
+    save_checkpoints the state at each tile start (b, c * tiles_per_chunk, e, n), all f32."""
+    T, n = plan.tile, plan.n_pad
+    epg = plan.eblocks_per_group
+    has_z = z is not None
+    y_dtype = jnp.dtype(y_dtype or u.dtype)
+    n_out_copies = 2 if save_checkpoints else 1
+
+    def kernel(*refs):
+        it = iter(refs)
+        u_g, d_g = next(it), next(it)
+        z_g = next(it) if has_z else None
+        B_g, C_g, A_g, D_g, bias_g, hst_g = (next(it) for _ in range(6))
+        y_g, hend_g = next(it), next(it)
+        ck_g = next(it) if save_checkpoints else None
+        y_s, h_s = next(it), next(it)
+        ck_s = next(it) if save_checkpoints else None
+
+        bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
+        e0 = pl.multiple_of(eb * W, W)
+        A_r = cm.load_state(A_g.at[pl.ds(e0, W)])
+        Dv = cm.load_row(D_g.at[pl.ds(e0, W)])
+        bias = cm.load_row(bias_g.at[pl.ds(e0, W)])
+        h0 = cm.load_state(hst_g.at[bi, ci, pl.ds(e0, W)])
+        tile0 = _chunk_tiles(plan, ci)
+
+        def body(idx, *srefs):
+            if has_z:
+                u_s, d_s, z_s, B_s, C_s, h = srefs
+            else:
+                (u_s, d_s, B_s, C_s, h), z_s = srefs, None
+            tile_idx = tile0 + idx[0]
+            slot = idx[0] % 2
+            # The copies issued two steps ago read this slot; wait for them before overwriting.
+            plgpu.wait_smem_to_gmem(n_out_copies, wait_read_only=True)
+            if save_checkpoints:
+                ck_s[slot] = h
+            ys = y_s.at[slot]
+
+            def step(t, h):
+                dt, uu = _step_inputs(plan, (u_s, d_s), t, tile_idx, bias, delta_softplus)
+                Bt, Ct = cm.load_col(B_s.at[t]), cm.load_col(C_s.at[t])  # (n,)
+                h = jnp.exp(cm.rows(dt, n) * A_r) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
+                y = jnp.sum(h * cm.cols(Ct), axis=1) + Dv * uu  # (W,)
+                if has_z:
+                    zz = cm.load_row(z_s.at[t])
+                    y = y * zz * cm.sigmoid(zz)
+                ys[t] = y.astype(ys.dtype)
+                return h
+
+            h_new = jax.lax.fori_loop(0, T, step, h)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(ys, y_g.at[bi, pl.ds(tile_idx * T, T), pl.ds(e0, W)])
+            if save_checkpoints:
+                plgpu.copy_smem_to_gmem(ck_s.at[slot], ck_g.at[bi, tile_idx, pl.ds(e0, W)])
+            return h_new
+
+        tok_spec = pl.BlockSpec((None, T, W), lambda i: (bi, tile0 + i, eb))
+        bc_spec = pl.BlockSpec((None, T, None, n), lambda i: (bi, tile0 + i, eb // epg, 0))
+        in_specs = [tok_spec, tok_spec] + ([tok_spec] if has_z else []) + [bc_spec, bc_spec]
+        operands = (u_g, d_g) + ((z_g,) if has_z else ()) + (B_g, C_g)
+        h = plgpu.emit_pipeline(
+            body,
+            grid=(plan.tiles_per_chunk,),
+            in_specs=in_specs,
+            max_concurrent_steps=2,
+            init_carry=h0,
+        )(*operands)
+        plgpu.wait_smem_to_gmem(0)
+        h_s[...] = h
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(h_s, hend_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.wait_smem_to_gmem(0)
+
+    b, c, e = plan.b, plan.n_chunks, plan.e_pad
+    n_ck = c * plan.tiles_per_chunk
+    out_type = [
+        jax.ShapeDtypeStruct((b, plan.length_pad, e), y_dtype),
+        jax.ShapeDtypeStruct((b, c, e, n), jnp.float32),
+    ]
+    scratch = [plgpu.SMEM((2, T, W), y_dtype), plgpu.SMEM((W, n), jnp.float32)]
+    if save_checkpoints:
+        out_type.append(jax.ShapeDtypeStruct((b, n_ck, e, n), jnp.float32))
+        scratch.append(plgpu.SMEM((2, W, n), jnp.float32))
+    operands = (u, delta) + ((z,) if has_z else ()) + (B, C, A, D, bias, h_start)
+    return plgpu.kernel(
+        kernel,
+        out_type=tuple(out_type),
+        scratch_types=scratch,
+        grid=(b, plan.n_eblocks, c),
+        grid_names=("b", "e", "c"),
+        compiler_params=cm.compiler_params(),
+        interpret=cm.interpret_params(interpret),
+        kernel_name="selective_scan_fwd",
+    )(*operands)
+
+
+def forward(u, delta, z, B, C, A, D, bias, h0, plan: cm.Plan, *, delta_softplus,
+            save_checkpoints, y_dtype=None, interpret=False):  # fmt: skip
+    """Both passes on padded operands. h0: (b, e, n) f32.
+
+    Returns (y, final state (b, e, n), checkpoints or None, chunk dt sums (b, c, e) or None)."""
+    if plan.n_chunks > 1:
+        h_loc, dt_sum = state_pass(
+            u, delta, B, A, bias, plan, delta_softplus=delta_softplus, interpret=interpret
+        )
+        decay = jnp.exp(dt_sum[..., None] * A)  # (b, c, e, n)
+        h_start = cm.chunk_combine(decay, h_loc, h0)
+    else:
+        h_start, dt_sum = h0[:, None], None
+    outs = full_pass(
+        u, delta, z, B, C, A, D, bias, h_start, plan, delta_softplus=delta_softplus,
+        save_checkpoints=save_checkpoints, y_dtype=y_dtype, interpret=interpret,
+    )  # fmt: skip
+    y, h_end = outs[0], outs[1]
+    ckpt = outs[2] if save_checkpoints else None
+    return y, h_end[:, -1], ckpt, dt_sum

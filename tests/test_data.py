@@ -1,0 +1,123 @@
+"""Data: corpus discovery and errors, packing, deterministic shuffling, process sharding, resume."""
+
+import numpy as np
+import pytest
+
+from mamba_jax import data
+from mamba_jax.config import DataConfig
+from mamba_jax.tokenizer import ByteTokenizer
+
+
+def write_files(tmp_path, texts):
+    for i, text in enumerate(texts):
+        (tmp_path / f"doc{i}.txt").write_text(text)
+    return str(tmp_path)
+
+
+def test_missing_and_empty_corpora_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="data.train_path.*matched no files"):
+        data.load_corpus(DataConfig(train_path=str(tmp_path / "nope" / "*.txt")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    (empty / "b.txt").write_text("")
+    with pytest.raises(ValueError, match="corpus is empty"):
+        data.load_corpus(DataConfig(train_path=str(empty)))
+    with pytest.raises(ValueError, match="needs >= 2 files"):
+        data.load_corpus(DataConfig(train_path=str(empty / "a.txt")))
+    with pytest.raises(ValueError, match="model.vocab_size=100"):
+        data.load_corpus(DataConfig(train_path=str(empty)), vocab_size=100)
+
+
+def test_split_by_file_is_deterministic_and_disjoint():
+    files = [f"f{i}" for i in range(40)]
+    train, val = data.split_by_file(files, 0.1, seed=0)
+    assert len(val) == 4 and not set(train) & set(val) and set(train) | set(val) == set(files)
+    assert (train, val) == data.split_by_file(files, 0.1, seed=0)
+    assert val != data.split_by_file(files, 0.1, seed=1)[1]
+
+
+def test_text_files_pack_into_windows(tmp_path):
+    texts = ["hello world\n", "import this\n", "é ünïcode ✓\n", "x = 1\n"]
+    directory = write_files(tmp_path, texts)
+    corpus = data.load_corpus(DataConfig(train_path=directory, val_fraction=0.25, seed=0))
+    # Every document becomes its UTF-8 bytes followed by eos (256), in file order.
+    stream = np.concatenate([corpus.train_tokens, corpus.val_tokens])
+    assert sorted(stream.tolist()) == sorted(sum((list(t.encode()) + [256] for t in texts), []))
+    assert corpus.train_tokens.dtype == np.uint16
+    assert corpus.bytes_per_token == pytest.approx(
+        (len(corpus.val_tokens) - 1) / len(corpus.val_tokens)
+    )
+    windows = data.TokenWindows(corpus.train_tokens, 5)
+    for i in range(len(windows)):
+        w = windows[i]
+        np.testing.assert_array_equal(w["inputs"], corpus.train_tokens[5 * i : 5 * i + 5])
+        np.testing.assert_array_equal(w["targets"], corpus.train_tokens[5 * i + 1 : 5 * i + 6])
+
+
+def test_token_files_memmap_and_tail_split(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16) % 50000
+    tokens.tofile(tmp_path / "train.bin")
+    corpus = data.load_corpus(DataConfig(train_path=str(tmp_path / "train.bin"), val_fraction=0.1))
+    assert isinstance(corpus.train_tokens, np.memmap) and corpus.bytes_per_token is None
+    np.testing.assert_array_equal(corpus.train_tokens, tokens[:900])
+    np.testing.assert_array_equal(corpus.val_tokens, tokens[900:])
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        data.load_corpus(DataConfig(train_path=str(tmp_path / "empty.bin")))
+
+
+def _batches(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_shuffle_is_deterministic_and_processes_split_the_global_batch():
+    tokens = np.arange(4000, dtype=np.uint32) % 257
+    one = _batches(iter(data.train_dataset(tokens, 8, 8, seed=3)), 6)
+    again = _batches(iter(data.train_dataset(tokens, 8, 8, seed=3)), 6)
+    other = _batches(iter(data.train_dataset(tokens, 8, 8, seed=4)), 6)
+    for a, b in zip(one, again):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    assert any((a["inputs"] != b["inputs"]).any() for a, b in zip(one, other))
+    # Not in corpus order: shuffled windows.
+    starts = [int(r[0]) for b in one for r in b["inputs"]]
+    assert starts != sorted(starts)
+    # Two processes: each reads half of every global batch, disjoint, together the same rows.
+    halves = [_batches(iter(data.train_dataset(tokens, 8, 8, 3, p, 2)), 6) for p in range(2)]
+    for step, whole in enumerate(one):
+        a, b = halves[0][step]["inputs"], halves[1][step]["inputs"]
+        assert a.shape == b.shape == (4, 8)
+        got = sorted(map(tuple, np.concatenate([a, b]).tolist()))
+        assert got == sorted(map(tuple, whole["inputs"].tolist()))
+    with pytest.raises(ValueError, match="multiple of the process count"):
+        data.train_dataset(tokens, 8, 9, 0, 0, 2)
+    with pytest.raises(ValueError, match="seq_len"):
+        data.train_dataset(tokens[:5], 8, 8, 0)
+
+
+def test_iterator_state_resumes_the_same_batches():
+    tokens = np.arange(3000, dtype=np.uint32) % 257
+    it = iter(data.train_dataset(tokens, 16, 4, seed=0))
+    _batches(it, 3)
+    state = it.get_state()
+    expected = _batches(it, 4)  # runs across an epoch boundary: 187 windows / 4 per batch
+    fresh = iter(data.train_dataset(tokens, 16, 4, seed=0))
+    fresh.set_state(state)
+    for a, b in zip(_batches(fresh, 4), expected):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+def test_eval_batches_are_fixed_and_split_by_process():
+    tokens = np.arange(500, dtype=np.uint32)
+    full = data.eval_batches(tokens, 10, 4, 2)
+    parts = [data.eval_batches(tokens, 10, 4, 2, p, 2) for p in range(2)]
+    for b in range(2):
+        joined = np.concatenate([parts[0][b]["inputs"], parts[1][b]["inputs"]])
+        np.testing.assert_array_equal(joined, full[b]["inputs"])
+    np.testing.assert_array_equal(full[1]["targets"][0], np.arange(41, 51))
+
+
+def test_default_corpus_is_the_stdlib():
+    files = data.stdlib_files()
+    assert len(files) > 100 and all(f.endswith(".py") for f in files)
+    assert ByteTokenizer().vocab_size == 257

@@ -1,0 +1,113 @@
+"""Mesh construction, logical-axis rules, and sharded train steps equal to the unsharded one."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mamba_jax import sharding as shd
+from mamba_jax import trainer
+from mamba_jax.config import MambaConfig, MeshConfig, TrainConfig
+
+MODEL = MambaConfig(d_model=32, n_layer=2, vocab_size=257, scan_impl="reference")
+
+
+def test_mesh_shape_fill_and_errors():
+    assert shd.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
+    assert shd.mesh_shape(MeshConfig(data=1, fsdp=-1, tensor=2), 8) == (1, 4, 2)
+    with pytest.raises(ValueError, match="not a multiple"):
+        shd.mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
+    with pytest.raises(ValueError, match="must equal"):
+        shd.mesh_shape(MeshConfig(data=2, fsdp=2, tensor=1), 8)
+    mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    assert mesh.axis_names == shd.MESH_AXES and dict(mesh.shape) == {
+        "data": 2, "fsdp": 2, "tensor": 2}  # fmt: skip
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_parameter_specs_follow_the_rules():
+    mesh = shd.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    _, abstract = trainer.abstract_model(MODEL)
+    specs = trainer.pure(shd.param_specs(abstract, mesh))
+    mixer = specs["layers"]["mixer"]
+    assert mixer["in_proj"]["kernel"] == P(None, "fsdp", "tensor")  # (layers, d, 2e)
+    assert mixer["out_proj"]["kernel"] == P(None, "tensor", "fsdp")  # (layers, e, d)
+    assert mixer["x_proj"]["kernel"] == P(None, "tensor", None)
+    assert mixer["dt_proj"]["kernel"] == P(None, None, "tensor")
+    for name in ("A_log", "D"):
+        assert mixer[name][1] == "tensor"
+    assert mixer["conv1d"]["kernel"] == P(None, None, "tensor")
+    assert specs["embedding"]["embedding"] == P("tensor", "fsdp")
+    # A dimension the axis does not divide stays whole: dt_rank 2 over tensor=4 would not split.
+    assert shd.logical_to_spec(("inner", None), (6, 3), mesh) == P("tensor", None)
+    assert shd.logical_to_spec(("embed", "inner"), (6, 3), mesh) == P(None, None)
+    with pytest.raises(ValueError, match="no rule"):
+        shd.logical_to_spec(("heads",), (4,), mesh)
+
+
+def test_decay_mask():
+    _, abstract = trainer.abstract_model(MODEL)
+    mask = trainer.decay_mask(trainer.pure(abstract))
+    mixer = mask["layers"]["mixer"]
+    assert mixer["in_proj"]["kernel"] and mixer["out_proj"]["kernel"] and mixer["x_proj"]["kernel"]
+    assert mixer["dt_proj"]["kernel"] and mixer["conv1d"]["kernel"]
+    assert not any([mixer["A_log"], mixer["D"], mixer["conv1d"]["bias"], mixer["dt_proj"]["bias"],
+                    mask["layers"]["norm"]["weight"], mask["norm_f"]["weight"],
+                    mask["embedding"]["embedding"]])  # fmt: skip
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    config = TrainConfig(steps=100, lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    schedule = trainer.lr_schedule(config)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(5)), 5e-4, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(100)), 1e-5, rtol=1e-4)
+    assert 1e-5 < float(schedule(55)) < 1e-3
+
+
+def _batch(b, length, seed=0):
+    tokens = np.random.default_rng(seed).integers(0, 257, (b, length + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def _train(mesh_config, train_config, steps=2, devices=None):
+    mesh = shd.make_mesh(mesh_config, jax.devices()[:devices] if devices else None)
+    tx = trainer.make_optimizer(train_config)
+    graphdef, state, shardings = trainer.init_state(MODEL, tx, mesh, seed=0)
+    step = trainer.make_train_step(graphdef, tx, train_config, shardings, mesh)
+    losses = []
+    for i in range(steps):
+        batch = trainer.global_batch(_batch(train_config.batch_size, 16, seed=i), mesh)
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state["params"]), state
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_sharded_step_equals_unsharded(assert_close, accum):
+    """Two mesh shapes (FSDP x tensor, and all three axes) against one device."""
+    config = TrainConfig(steps=10, batch_size=8, seq_len=16, warmup_steps=1, grad_accum=accum,
+                         lr=1e-2)  # fmt: skip
+    ref_losses, ref_params, _ = _train(MeshConfig(data=1, fsdp=1, tensor=1), config, devices=1)
+    for shape in [(1, 4, 2), (2, 2, 2)]:
+        losses, params, state = _train(MeshConfig(*shape), config)
+        assert_close(np.asarray(losses), np.asarray(ref_losses), err_msg=f"loss {shape}")
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
+                                jax.tree.leaves(ref_params)):  # fmt: skip
+            assert_close(a, b, grad=True, err_msg=f"{shape} {jax.tree_util.keystr(path)}")
+        kernel = state["params"]["layers"]["mixer"]["in_proj"]["kernel"]
+        assert kernel.sharding.spec == P(None, "fsdp", "tensor")
+        assert len(kernel.addressable_shards) == 8
+        assert kernel.addressable_shards[0].data.shape == (2, 32 // shape[1], 128 // shape[2])
+    assert ref_losses[1] < ref_losses[0] + 0.5  # it trains, not just agrees
+
+
+def test_grad_accumulation_equals_one_big_batch(assert_close):
+    base = dict(steps=10, batch_size=8, seq_len=16, warmup_steps=1, lr=1e-2)
+    mesh = MeshConfig(data=2, fsdp=1, tensor=1)
+    losses1, params1, _ = _train(mesh, TrainConfig(**base, grad_accum=1), devices=2)
+    losses4, params4, _ = _train(mesh, TrainConfig(**base, grad_accum=4), devices=2)
+    assert_close(np.asarray(losses4), np.asarray(losses1))
+    for a, b in zip(jax.tree.leaves(params4), jax.tree.leaves(params1)):
+        assert_close(a, b, grad=True)

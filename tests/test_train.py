@@ -1,0 +1,55 @@
+"""train.py end to end on a shrunken config: the loss falls, metrics and a sample are written."""
+
+import json
+import os
+
+import pytest
+
+import train
+from tests.test_checkpoint import ROOT, args
+
+
+def test_train_end_to_end(tmp_path, capsys):
+    ckpt = tmp_path / "run"
+    result = train.main(
+        args(
+            tmp_path,
+            ckpt,
+            **{
+                "train.steps": 12,
+                "train.log_every": 4,
+                "train.eval_every": 8,
+                "train.lr": 1e-2,
+                "train.sample_tokens": 12,
+                "train.tensorboard": True,
+                "train.grad_accum": 2,
+                "mesh.data": 2,
+                "mesh.fsdp": -1,
+                "mesh.tensor": 2,
+            },
+        )  # fmt: skip
+    )
+    out = capsys.readouterr().out
+    assert result["step"] == 12
+    with open(ckpt / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    for r in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(r)
+        assert r["tokens_per_sec"] > 0 and r["mfu"] is None  # no peak FLOP/s known for CPUs
+    assert {"eval_loss", "eval_bpb"} <= set(records[1]) and "eval_loss" not in records[0]
+    assert records[-1]["loss"] < records[0]["loss"] - 0.3  # learning, not just running
+    assert records[-1]["eval_bpb"] > 0
+    assert "mesh: {'data': 2, 'fsdp': 2, 'tensor': 2}" in out
+    assert "--- sample (12 tokens) ---" in out
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(ckpt / "tensorboard"))
+    assert sorted(os.listdir(ckpt))[0] == "12"  # the final checkpoint
+
+
+def test_cli_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'train.stpes'"):
+        train.main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "train.stpes=3"])
+    with pytest.raises(ValueError, match="multiple of the data x fsdp"):
+        train.main(args(tmp_path, tmp_path / "c", **{"train.batch_size": 4}))
+    with pytest.raises(ValueError, match="matched no files"):
+        train.main(args(tmp_path, tmp_path / "c", **{"data.train_path": str(tmp_path / "x*")}))
