@@ -3,9 +3,11 @@
     python -m mamba_jax.generate --model PATH --prompt TEXT --max-new-tokens N \\
         [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype D] [--tokenizer FILE]
 
-PATH is an HF / mamba_ssm checkpoint directory (config.json + weights, see `convert.py`) or a
-training checkpoint directory written by train.py. The tokenizer is `--tokenizer`, else the
-model directory's `tokenizer.json`, else the training run's `data.tokenizer`, else bytes.
+PATH is an HF / mamba_ssm checkpoint directory (config.json + weights, see `convert.py`), a
+training checkpoint directory written by train.py (its latest step), or one step folder of it.
+The tokenizer is `--tokenizer`, else PATH's `tokenizer.json` (through `tokenizers`), else the
+training run's `data.tokenizer`, else bytes. The continuation goes to stdout, cut at the first
+end-of-text token; the token count and tokens/s go to stderr.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mamba_jax.convert import is_pretrained_dir, load_pretrained
+from mamba_jax.convert import cast_model, is_pretrained_dir, load_pretrained
 from mamba_jax.generate import generate
-from mamba_jax.tokenizer import load_tokenizer
+from mamba_jax.tokenizer import find_tokenizer, load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (HF dirs)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: stored)")
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json overriding the default")
+    p.add_argument("--ignore-eos", action="store_true", help="print past end-of-text tokens")
     return p
+
+
+def _is_step(path: str) -> bool:
+    return os.path.basename(os.path.normpath(path)).isdigit()
 
 
 def is_training_dir(path: str) -> bool:
@@ -46,19 +53,35 @@ def is_training_dir(path: str) -> bool:
     return bool(steps) or "metrics.jsonl" in names or "_CHECKPOINT_METADATA" in names
 
 
+def _load_training_run(path: str, dtype):
+    from mamba_jax import checkpoint
+
+    step = None
+    parent = os.path.dirname(os.path.normpath(path))
+    if _is_step(path) and is_training_dir(parent):  # PATH is one step folder of a run
+        path, step = parent, int(os.path.basename(os.path.normpath(path)))
+    model, _ = checkpoint.restore_model(path, step)
+    run_config, _ = checkpoint.read_config(path, step)
+    tokenizer = find_tokenizer(path)
+    if tokenizer is None:
+        tokenizer = run_config.data.tokenizer
+        if tokenizer is not None and not os.path.exists(tokenizer):
+            raise ValueError(
+                f"the training run in {path!r} used data.tokenizer={tokenizer!r}, which does not "
+                "exist here; pass --tokenizer"
+            )
+    return (model if dtype is None else cast_model(model, dtype)), tokenizer
+
+
 def load_model(path: str, dtype=None):
     """-> (model, tokenizer path or None). Tells the two kinds of directory apart by contents."""
     if not os.path.isdir(path):
         raise ValueError(f"--model must be a directory, got {path!r}")
     if is_pretrained_dir(path):
-        tok = os.path.join(path, "tokenizer.json")
-        return load_pretrained(path, dtype=dtype), (tok if os.path.isfile(tok) else None)
-    if is_training_dir(path):
-        from mamba_jax import checkpoint
-
-        model, _ = checkpoint.restore_model(path)
-        run_config, _ = checkpoint.read_config(path)  # the run's data.tokenizer, if it had one
-        return model, getattr(getattr(run_config, "data", None), "tokenizer", None)
+        return load_pretrained(path, dtype=dtype), find_tokenizer(path)
+    parent = os.path.dirname(os.path.normpath(path))
+    if is_training_dir(path) or (_is_step(path) and is_training_dir(parent)):
+        return _load_training_run(path, dtype)
     raise ValueError(
         f"--model {path!r} is neither an HF/mamba_ssm checkpoint (config.json with "
         "model.safetensors or pytorch_model.bin) nor a training checkpoint directory "
@@ -92,25 +115,31 @@ class _CompileTimer:
 
 
 def generate_main(argv=None) -> str:
-    """Parses `argv`, prints the continuation and a timing line; returns the continuation."""
+    """Parses `argv`, prints the continuation and a timing line; returns the continuation.
+
+    Bad arguments raise ValueError naming the flag; `main` turns that into an exit message."""
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1:
-        raise SystemExit(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     t0 = time.perf_counter()
     model, tok_path = load_model(args.model, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer or tok_path)
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
-    if tokenizer.vocab_size > model.config.padded_vocab_size:
+    if tokenizer.vocab_size > vocab:
         print(
             f"warning: the tokenizer has {tokenizer.vocab_size} tokens, the model {vocab}",
             file=sys.stderr,
         )
     ids = tokenizer.encode(args.prompt)
     if not ids:
-        raise SystemExit("--prompt encodes to no tokens")
-    if max(ids) >= model.config.padded_vocab_size:
-        raise SystemExit(f"--prompt has token ids >= the model's vocab ({vocab}): wrong tokenizer?")
+        raise ValueError("--prompt encodes to no tokens")
+    if max(ids) >= vocab:
+        raise ValueError(
+            f"--prompt has token id {max(ids)} >= the model's vocab_size {vocab}: wrong "
+            "tokenizer? (without tokenizer.json in the model directory it is bytes; see "
+            "--tokenizer)"
+        )
 
     t0 = time.perf_counter()
     with _CompileTimer() as timer:
@@ -123,12 +152,24 @@ def generate_main(argv=None) -> str:
     total_s = time.perf_counter() - t0
     compile_s = min(timer.seconds, total_s)
     run_s = max(total_s - compile_s, 1e-9)
-    text = tokenizer.decode(new)
+    shown = new
+    if not args.ignore_eos and tokenizer.eos_id in new:
+        shown = new[: new.index(tokenizer.eos_id)]
+    text = tokenizer.decode(shown)
     print(text)
+    stop = f", shown up to end-of-text ({len(shown)})" if len(shown) < len(new) else ""
     print(
-        f"[{len(new)} new tokens after a {len(ids)}-token prompt: {len(new) / run_s:,.1f} tokens/s "
-        f"({run_s:.3f} s prefill + decode, {compile_s:.2f} s compile, {load_s:.2f} s load) "
-        f"on {jax.devices()[0].platform}]",
+        f"[{len(new)} new tokens after a {len(ids)}-token prompt{stop}: "
+        f"{len(new) / run_s:,.1f} tokens/s ({run_s:.3f} s prefill + decode, {compile_s:.2f} s "
+        f"compile, {load_s:.2f} s load) on {jax.devices()[0].platform}]",
         file=sys.stderr,
     )
     return text
+
+
+def main(argv=None) -> None:
+    """The command: like `generate_main`, with a bad argument or checkpoint a one-line error."""
+    try:
+        generate_main(argv)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None

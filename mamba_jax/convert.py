@@ -404,6 +404,20 @@ def load_pretrained(path, dtype=None, mesh=None) -> MambaLM:
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
+def cast_model(model: MambaLM, dtype) -> MambaLM:
+    """A copy of `model` whose parameters and activations are `dtype`, by load_pretrained's rules
+    (A_log, D and the dt bias stay float32); each array keeps its sharding."""
+    name = _dtype_name(dtype)
+    config = model.config.replace(dtype=name, param_dtype=name)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: MambaLM(config, rngs=nnx.Rngs(0))))
+    values = dict(nnx.to_flat_state(nnx.state(model)))
+    leaves = [
+        (p, var.replace(values[p].get_value().astype(var.dtype)))
+        for p, var in nnx.to_flat_state(abstract_state)
+    ]
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
 def _spec(var, mesh):
     from mamba_jax.sharding import logical_to_spec
 

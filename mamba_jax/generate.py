@@ -107,6 +107,6 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
 
 
 if __name__ == "__main__":
-    from mamba_jax.cli import generate_main
+    from mamba_jax.cli import main
 
-    generate_main()
+    main()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+TOKENIZER_FILE = "tokenizer.json"
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255, plus an end-of-text token 256."""
@@ -28,7 +30,11 @@ class HFTokenizer:
     def __init__(self, path: str):
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_file(path)
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as err:  # tokenizers raises a bare Exception for malformed files
+            raise ValueError(f"{path} is not a readable tokenizer.json: {err}") from None
+        self.path = path
         self.vocab_size = self._tok.get_vocab_size()
         eos = None
         for name in ("<|endoftext|>", "</s>", "<eos>"):
@@ -44,13 +50,21 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
 
+def find_tokenizer(directory: str) -> str | None:
+    """`directory/tokenizer.json` when it exists, else None."""
+    candidate = os.path.join(directory, TOKENIZER_FILE)
+    return candidate if os.path.isfile(candidate) else None
+
+
 def load_tokenizer(path: str | None = None) -> ByteTokenizer | HFTokenizer:
-    """`path` may be None (bytes), a `tokenizer.json` file, or a directory that may hold one."""
+    """`path` may be None (bytes), a `tokenizer.json` file, or a directory: its tokenizer.json
+    through `tokenizers` if it holds one, else bytes."""
     if path is None:
         return ByteTokenizer()
+    path = os.fspath(path)
     if os.path.isdir(path):
-        candidate = os.path.join(path, "tokenizer.json")
-        return HFTokenizer(candidate) if os.path.exists(candidate) else ByteTokenizer()
+        found = find_tokenizer(path)
+        return HFTokenizer(found) if found else ByteTokenizer()
     if not os.path.exists(path):
         raise ValueError(f"tokenizer path {path!r} does not exist (expected a tokenizer.json file)")
     return HFTokenizer(path)
