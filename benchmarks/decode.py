@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import subprocess
@@ -48,6 +47,10 @@ def rel_err(a, b) -> float:
 
 
 class MambaRunner:
+    """prefill: (state, ids (b, l)) -> (first new token (b,), cache); decode: (state, token,
+    cache, steps) -> (tokens (b, steps), cache). Each is one jitted program; decode donates the
+    cache and returns it, so the loop updates it in place."""
+
     def __init__(self, d_model, n_layer, vocab, scan_impl="auto"):
         cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, dtype="bfloat16",
                           param_dtype="bfloat16", scan_impl=scan_impl)  # fmt: skip
@@ -56,19 +59,19 @@ class MambaRunner:
         self.graphdef, self.state = nnx.split(self.model)
         self.vocab = vocab
         self.params = sum(int(x.size) for x in jax.tree.leaves(self.state))
+        self.prefill = jax.jit(self._prefill)
+        self.decode = jax.jit(self._decode, static_argnums=3, donate_argnums=2)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def prefill(self, state, ids):
+    def _prefill(self, state, ids):
         m = nnx.merge(self.graphdef, state)
         # The model returns logits for every position; only the last one is needed, so the
-        # prompt's last token goes through `step`, and the unused (b, l - 1, v) logits are dead
-        # code that XLA drops (at b 64, l 2048 they would be 26 GB of fp32).
+        # prompt's last token goes through `step`, and the unused (b, l - 1, v) logits are never
+        # computed (at b 64, l 2048 they would be 26 GB of fp32).
         _, cache = m(ids[:, :-1], cache=m.init_cache(ids.shape[0]))
         logits, cache = m.step(ids[:, -1], cache)
         return jnp.argmax(logits[:, : self.vocab], -1).astype(jnp.int32), cache
 
-    @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=3)
-    def decode(self, state, token, cache, steps):
+    def _decode(self, state, token, cache, steps):
         def body(carry, _):
             token, cache = carry
             # A fresh module per trace level: nnx refuses Variables from the enclosing trace.
@@ -78,7 +81,7 @@ class MambaRunner:
             return (nxt, cache), nxt
 
         (_, cache), tokens = jax.lax.scan(body, (token, cache), None, length=steps)
-        return tokens.T
+        return tokens.T, cache
 
     def check(self, key, prefix=16):
         """Relative error of prefill + one cached step against the full forward's last logits."""
@@ -93,6 +96,8 @@ class MambaRunner:
 
 
 class TransformerRunner:
+    """The same interface over benchmarks/transformer_baseline.py's KV-cache Transformer."""
+
     def __init__(self, d_model, mamba_layers, vocab, max_len, attention):
         self.config = tfb.matched_config(
             d_model, mamba_layers, ((vocab + 7) // 8) * 8, prefill_attention=attention
@@ -100,16 +105,16 @@ class TransformerRunner:
         self.state = tfb.init_params(self.config, jax.random.key(0))
         self.vocab, self.max_len = vocab, max_len
         self.params = tfb.count_params(self.state)
+        self.prefill = jax.jit(self._prefill)
+        self.decode = jax.jit(self._decode, static_argnums=3, donate_argnums=2)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def prefill(self, params, ids):
+    def _prefill(self, params, ids):
         logits, cache = tfb.prefill(self.config, params, ids, self.max_len)
         return jnp.argmax(logits[:, : self.vocab], -1).astype(jnp.int32), cache
 
-    @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=3)
-    def decode(self, params, token, cache, steps):
+    def _decode(self, params, token, cache, steps):
         start = self.max_len - steps - 1  # the prompt's length: the first new token goes there
-        return tfb.decode(self.config, params, token, cache, start, steps)[0]
+        return tfb.decode(self.config, params, token, cache, start, steps, self.vocab)
 
     def check(self, key, prefix=16):
         c, p = self.config, self.state
@@ -118,6 +123,15 @@ class TransformerRunner:
         _, cache = tfb.forward(c, p, ids[:, :prefix], tfb.init_cache(c, 2, prefix + 1), 0)
         step, _ = tfb.forward(c, p, ids[:, prefix:], cache, prefix)
         return rel_err(step[:, 0], full[:, -1])
+
+
+def decode_is_one_loop(runner, batch, prompt, steps) -> bool:
+    """True when the compiled decode holds the token loop (a while loop over `steps`), i.e. the
+    host dispatches once per generation, not once per token."""
+    ids = jax.ShapeDtypeStruct((batch, prompt), jnp.int32)
+    first, cache = jax.eval_shape(runner.prefill, runner.state, ids)
+    text = runner.decode.lower(runner.state, first, cache, steps).as_text()
+    return "stablehlo.while" in text
 
 
 def time_prefill_decode(runner, batch, prompt, new, reps, seed):
@@ -130,7 +144,7 @@ def time_prefill_decode(runner, batch, prompt, new, reps, seed):
         t0 = time.perf_counter()
         first, cache = jax.block_until_ready(runner.prefill(runner.state, ids))
         t1 = time.perf_counter()
-        rest = jax.block_until_ready(runner.decode(runner.state, first, cache, new - 1))
+        rest, _ = jax.block_until_ready(runner.decode(runner.state, first, cache, new - 1))
         t2 = time.perf_counter()
         if i:
             pre.append(t1 - t0)
@@ -169,6 +183,9 @@ def with_fallback(label, runner, rebuild, batch, args, row):
         return runner, run_one(label, runner, batch, args, row)
 
 
+CHECK_TOL = 0.05  # bf16 relative error of prefill + one cached step vs the full forward
+
+
 def bench_size(size, args, results, t_start):
     d_model, n_layer = SIZES[size]
     vocab = VOCAB if size != "tiny" else 97
@@ -180,6 +197,9 @@ def bench_size(size, args, results, t_start):
     }
     print(f"{size}: mamba {mamba.params / 1e6:.1f}M params, transformer {tf.params / 1e6:.1f}M "
           f"({tf.config.n_layer} layers, {tf.config.n_head} heads); checks {checks}", flush=True)  # fmt: skip
+    bad = {k: v for k, v in checks.items() if not v <= CHECK_TOL}
+    if bad:
+        raise RuntimeError(f"{size}: the cached path disagrees with the full forward: {bad}")
     for batch in args.batches:
         if time.perf_counter() - t_start > args.budget_s:
             print(f"budget spent: skipping {size} batch {batch}", flush=True)
@@ -188,6 +208,7 @@ def bench_size(size, args, results, t_start):
                "mamba_params": mamba.params, "transformer_params": tf.params,
                "transformer_layers": tf.config.n_layer, "transformer_heads": tf.config.n_head,
                **checks}  # fmt: skip
+        t_row = time.perf_counter()
         try:
             mamba, (ids, toks) = with_fallback(
                 "mamba", mamba, lambda: MambaRunner(d_model, n_layer, vocab, "associative"),
@@ -202,9 +223,13 @@ def bench_size(size, args, results, t_start):
             row["prefill_attention"] = tf.config.prefill_attention
             row["decode_speedup"] = row["mamba_decode_tok_s"] / row["transformer_decode_tok_s"]
             row["e2e_speedup"] = row["mamba_e2e_tok_s"] / row["transformer_e2e_tok_s"]
+            row["decode_one_program"] = all(
+                decode_is_one_loop(r, batch, args.prompt, args.new - 1) for r in (mamba, tf)
+            )
             time_generate(mamba, ids, toks, batch, args, row)
         except Exception as err:  # an OOM at one size should not lose the others
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        row["row_wall_s"] = time.perf_counter() - t_row
         results["rows"].append(row)
         write(results, args.out)
         print(json.dumps(row), flush=True)
@@ -244,16 +269,17 @@ def table(rows) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         vals = [f"{r[k]:,.3f}" if k in r and r[k] < 100 else f"{r.get(k, 0):,.0f}" for k in keys]
-        lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(vals) + " |")
+        if "batch" in r:
+            lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(vals) + " |")
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | error: {r['error'][:120]} |")
+            lines.append(f"| {r['model']} | {r.get('batch', '-')} | error: {r['error'][:120]} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="130m,1.4b")
-    p.add_argument("--batches", default="1,64")
+    p.add_argument("--batches", default="64,1", help="in this order (the budget drops the last)")
     p.add_argument("--prompt", type=int, default=2048)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
@@ -282,7 +308,13 @@ def main(argv=None):
     }  # fmt: skip
     t_start = time.perf_counter()
     for size in args.models.split(","):
-        bench_size(size, args, results, t_start)
+        try:
+            bench_size(size, args, results, t_start)
+        except Exception as err:  # a failed check or setup at one size: record, go on
+            results["rows"].append({"model": size, "error": f"{type(err).__name__}: {err}"[:400]})
+            write(results, args.out)
+            print(f"{size}: {results['rows'][-1]['error']}", flush=True)
+    results["wall_s"] = time.perf_counter() - t_start
     write(results, args.out)
     print(f"\n{results['device']}, jax {results['jax']}, {results['date']}, commit {commit[:10]}")
     print(table(results["rows"]))

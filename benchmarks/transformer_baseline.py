@@ -143,13 +143,15 @@ def prefill(config, params, input_ids, max_len):
     return logits[:, -1], cache
 
 
-def decode(config, params, first_token, cache, start, steps):
-    """Greedy decoding of `steps` tokens from `first_token` (b,) at position `start`: one loop."""
+def decode(config, params, first_token, cache, start, steps, vocab_size=None):
+    """Greedy decoding of `steps` tokens from `first_token` (b,) at position `start`: one loop.
+
+    vocab_size: ids at or above it (the embedding's padding rows) are never chosen."""
 
     def body(carry, _):
         token, cache, pos = carry
         logits, cache = forward(config, params, token[:, None], cache, pos)
-        nxt = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
+        nxt = jnp.argmax(logits[:, 0, :vocab_size], -1).astype(jnp.int32)
         return (nxt, cache, pos + 1), nxt
 
     (_, cache, _), tokens = jax.lax.scan(body, (first_token, cache, start), None, length=steps)

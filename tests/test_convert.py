@@ -76,6 +76,17 @@ def test_padding_rows_hf_zero_original_kept(hf_model):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_original_format_in_safetensors(tmp_path):
+    """mamba_ssm's keys and config stored as safetensors (lm_head tied, pad rows kept)."""
+    stored = read_torch_bin(os.path.join(ORIGINAL, "pytorch_model.bin"))
+    save_file(stored, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(f"{ORIGINAL}/config.json", tmp_path)
+    a, b = _params(load_pretrained(ORIGINAL)), _params(load_pretrained(tmp_path))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_layouts_follow_pytorch(hf_model):
     sd = load_file(os.path.join(HF, "model.safetensors"))
     p = _params(hf_model)
