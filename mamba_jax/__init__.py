@@ -1,9 +1,17 @@
 """mamba-jax: Mamba (selective state spaces) in JAX and Flax NNX, with Pallas GPU kernels."""
 
+import warnings
+
 from mamba_jax.config import MambaConfig
 from mamba_jax.generate import generate
 from mamba_jax.model import MambaCache, MambaLM
 from mamba_jax.scan import selective_scan
+
+# `python -m mamba_jax.generate` runs a module this package has already imported (for the
+# `generate` function); runpy's warning about that is harmless here.
+warnings.filterwarnings(
+    "ignore", r"'mamba_jax\.generate' found in sys\.modules", RuntimeWarning, "runpy"
+)
 
 __all__ = [
     "MambaCache",

@@ -144,4 +144,5 @@ def test_command_line_errors_are_one_line(tmp_path):
          "hi"], capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr  # nor runpy's note on the module name
     assert "error: --model must be a directory" in proc.stderr
