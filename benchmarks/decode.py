@@ -187,6 +187,10 @@ CHECK_TOL = 0.05  # bf16 relative error of prefill + one cached step vs the full
 
 
 def bench_size(size, args, results, t_start):
+    if time.perf_counter() - t_start > args.budget_s:
+        print(f"budget spent: skipping {size}", flush=True)
+        results["skipped"].append(size)
+        return
     d_model, n_layer = SIZES[size]
     vocab = VOCAB if size != "tiny" else 97
     mamba = MambaRunner(d_model, n_layer, vocab)
@@ -203,6 +207,7 @@ def bench_size(size, args, results, t_start):
     for batch in args.batches:
         if time.perf_counter() - t_start > args.budget_s:
             print(f"budget spent: skipping {size} batch {batch}", flush=True)
+            results["skipped"].append(f"{size} batch {batch}")
             continue
         row = {"model": size, "batch": batch, "prompt": args.prompt, "new_tokens": args.new,
                "mamba_params": mamba.params, "transformer_params": tf.params,
@@ -284,7 +289,12 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--attention", default=None, help="prefill attention: xla | cudnn (GPU default)")
-    p.add_argument("--budget-s", type=float, default=1e9, help="start nothing new after this")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=1e9,
+        help="start no new size or batch after this many seconds",
+    )
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
@@ -304,7 +314,7 @@ def main(argv=None):
     results = {
         "benchmark": "decode", "device": jax.devices()[0].device_kind, "platform": platform,
         "jax": jax.__version__, "date": now.isoformat(timespec="seconds"), "commit": commit,
-        "dtype": "bfloat16", "reps": args.reps, "rows": [],
+        "dtype": "bfloat16", "reps": args.reps, "rows": [], "skipped": [],
     }  # fmt: skip
     t_start = time.perf_counter()
     for size in args.models.split(","):
