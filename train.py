@@ -21,6 +21,7 @@ Run it again with the same checkpoint.dir and it resumes from the latest complet
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -44,18 +45,26 @@ def parse_args(argv):
     return load_config(args.config, args.overrides)
 
 
-def init_distributed(config: Config):
-    """jax.distributed.initialize from the config, or from the environment (SLURM, Cloud TPU)."""
-    dist = config.distributed
-    if dist.mode == "off":
-        return
-    wanted = (
-        dist.mode == "on"
-        or dist.coordinator_address is not None
-        or os.environ.get("JAX_COORDINATOR_ADDRESS")
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+def distributed_wanted(dist, environ=os.environ) -> bool:
+    """Whether to call jax.distributed.initialize: always with mode on, never with off; with auto
+    when a coordinator is given (flag or JAX_COORDINATOR_ADDRESS), when SLURM runs several tasks,
+    or when a Cloud TPU slice lists several workers (TPU_WORKER_HOSTNAMES)."""
+    if dist.mode != "auto":
+        return dist.mode == "on"
+    hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    return bool(
+        dist.coordinator_address is not None
+        or environ.get("JAX_COORDINATOR_ADDRESS")
+        or int(environ.get("SLURM_NTASKS", "1") or 1) > 1
+        or len(hosts) > 1
     )
-    if not wanted:
+
+
+def init_distributed(config: Config):
+    """jax.distributed.initialize from the config, or from the environment (SLURM, Cloud TPU):
+    arguments left unset are auto-detected by JAX."""
+    dist = config.distributed
+    if not distributed_wanted(dist):
         return
     # CPU processes need a collectives backend to talk to each other; GPU/TPU ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -152,7 +161,12 @@ def main(argv=None) -> dict:
     # Model and optimizer state, built sharded, or restored from the latest complete checkpoint.
     tx = trainer.make_optimizer(tc)
     ckpt = Checkpointer(config.checkpoint)
-    latest = ckpt.latest_step() if config.checkpoint.resume else None
+    latest = ckpt.latest_step()
+    if latest is not None and not config.checkpoint.resume:
+        raise ValueError(
+            f"checkpoint.dir={config.checkpoint.dir!r} already holds checkpoints (latest step "
+            f"{latest}) and checkpoint.resume=false: pick a new checkpoint.dir or delete it"
+        )
     if latest is not None:
         graphdef, abstract, shardings = trainer.state_shardings(config.model, tx, mesh)
         state = ckpt.restore(latest, abstract, shardings, data_iter)
@@ -164,30 +178,40 @@ def main(argv=None) -> dict:
     train_step = trainer.make_train_step(graphdef, tx, tc, shardings, mesh)
     eval_step = trainer.make_eval_step(graphdef, shardings, mesh)
 
-    writer = trainer.MetricsWriter(config.checkpoint.dir, tensorboard=tc.tensorboard)
-    preempt = PreemptionFlag().install()
     start = int(state["step"])
+    writer = trainer.MetricsWriter(config.checkpoint.dir, tc.tensorboard, start_step=start)
+    preempt = PreemptionFlag().install()
+    if start >= tc.steps:
+        log(f"the checkpoint is at step {start} >= train.steps={tc.steps}: nothing to train "
+            "(raise train.steps to continue, or use a new checkpoint.dir to start over)")  # fmt: skip
     progress = None
     if tc.progress and pid == 0:
         from tqdm import tqdm
 
         progress = tqdm(total=tc.steps, initial=start, desc="train", dynamic_ncols=True)
 
-    last = {"time": time.perf_counter(), "step": start}
-    metrics, saved_at, stopped = {}, None, False
+    loop_start = last_time = time.perf_counter()
+    last_logged = start
+    metrics, saved_at, stopped = {}, None, None
     last_step = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
     for step in range(start, last_step):
         batch = trainer.global_batch(next(data_iter), mesh)
         state, step_metrics = train_step(state, batch)
         done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
+        # Agreed by all processes, so that they all leave at the same step.
+        time_up = tc.time_limit_s is not None and time.perf_counter() - loop_start > tc.time_limit_s
+        if preempt.should_stop(time_up):
+            stopped = "time limit" if time_up else "SIGTERM"
+        final = done == last_step or stopped is not None
+        if done % tc.log_every == 0 or final:
             metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             now = time.perf_counter()
-            tokens = (done - last["step"]) * tc.batch_size * tc.seq_len
-            metrics["tokens_per_sec"] = tokens / max(now - last["time"], 1e-9)
+            tokens = (done - last_logged) * tc.batch_size * tc.seq_len
+            metrics["tokens_per_sec"] = tokens / max(now - last_time, 1e-9)
             metrics["mfu"] = trainer.mfu(n_params, metrics["tokens_per_sec"], jax.device_count())
-            last = {"time": now, "step": done}
-            if done % tc.eval_every == 0 or done == tc.steps:
+            last_time, last_logged = now, done
+            # No eval when stopping early: a preempted job has seconds left, not minutes.
+            if done % tc.eval_every == 0 or (final and stopped is None):
                 metrics.update(
                     evaluate(
                         eval_step,
@@ -195,10 +219,10 @@ def main(argv=None) -> dict:
                         val,
                         mesh,
                         bytes_per_token,
-                        config.data.task is not None,
+                        with_accuracy=config.data.task is not None,
                     )  # fmt: skip
                 )
-                last["time"] = time.perf_counter()  # keep eval out of the throughput
+                last_time = time.perf_counter()  # keep eval out of the throughput
             writer.write(done, metrics)
             if progress is not None:
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}",
@@ -207,31 +231,37 @@ def main(argv=None) -> dict:
                 log(f"step {done}: " + format_metrics(metrics))
         if progress is not None:
             progress.update(1)
+        if stopped is not None:
+            log(f"{stopped}: saving step {done} and exiting")
+            ckpt.save(done, state, data_iter, config, force=True)
+            saved_at = done
+            break
         if done % config.checkpoint.every == 0:
             ckpt.save(done, state, data_iter, config)
             saved_at = done
-        if preempt.should_stop():
-            log(f"SIGTERM: saving step {done} and exiting")
-            if saved_at != done:
-                ckpt.save(done, state, data_iter, config, force=True)
-            stopped = True
-            break
 
+    train_seconds = time.perf_counter() - loop_start
     end = int(state["step"])
-    if not stopped and saved_at != end and end > start:
+    if saved_at != end and end > start:
         ckpt.save(end, state, data_iter, config, force=True)
     ckpt.close()
     preempt.uninstall()
     if progress is not None:
         progress.close()
-    log(f"step {end}: " + format_metrics(metrics))
+    if metrics and progress is not None:  # without tqdm the loop already printed it
+        log(f"step {end}: " + format_metrics(metrics))
 
     if end == tc.steps and tc.sample_tokens > 0 and tokenizer is not None:
         text = sample(graphdef, state["params"], tokenizer, config, state["rng"])
         log(f"--- sample ({tc.sample_tokens} tokens) ---\n{text}\n---")
         writer.text("sample", text, end)
     writer.close()
-    return {"step": end, "stopped": stopped, **metrics}
+    summary = {"step": end, "start_step": start, "stopped": stopped,
+               "train_seconds": round(train_seconds, 2), **metrics}  # fmt: skip
+    if pid == 0 and end > start:  # a run with nothing to train keeps the last summary
+        with open(os.path.join(config.checkpoint.dir, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
 
 
 if __name__ == "__main__":

@@ -184,8 +184,10 @@ class PreemptionFlag:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
-    def should_stop(self) -> bool:
-        local = self._event.is_set()
+    def should_stop(self, local_reason: bool = False) -> bool:
+        """True when this process was signalled (or `local_reason` holds, e.g. a time limit) on
+        any process."""
+        local = self._event.is_set() or bool(local_reason)
         if jax.process_count() == 1:
             return local
         from jax.experimental import multihost_utils

@@ -142,6 +142,9 @@ class TrainConfig:
     # Leave the loop (with a checkpoint) after this step, e.g. to fit a job's time limit; the
     # schedule still spans `steps`, and the next run resumes where this one stopped.
     stop_at: int | None = None
+    # Likewise after this many seconds of training (measured from the first step); all
+    # processes stop at the same step. For runs that must fit a fixed time budget.
+    time_limit_s: float | None = None
     sample_tokens: int = 200  # generated at the end; 0 turns the sample off
     sample_prompt: str = "def "
     tensorboard: bool = True
@@ -153,6 +156,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.stop_at is not None and self.stop_at < 1:
             raise ValueError(f"train.stop_at must be >= 1 or null, got {self.stop_at}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"train.time_limit_s must be > 0 or null, got {self.time_limit_s}")
         for name in ("warmup_steps", "eval_batches", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")

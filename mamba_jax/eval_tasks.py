@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import time
 
@@ -118,13 +119,17 @@ def evaluate(
     *,
     batch: int = 1000,
     chunk_tokens: int = 2**21,
+    batch_tokens: int = 2**25,
     seed: int = EVAL_SEED,
     predictor: TailPredictor | None = None,
     progress: bool = True,
 ) -> dict:
     """Accuracy over `num` fresh sequences: the fraction of scored tokens predicted right (16 per
     sequence for Selective Copying, 1 for Induction Heads). `task` is a task object from
-    mamba_jax.tasks, or a task name together with `length`."""
+    mamba_jax.tasks, or a task name together with `length`.
+
+    Memory is bounded at every length: a batch holds at most max(1, batch_tokens // length)
+    sequences on the host, and the device sees chunk_tokens tokens at a time."""
     from tqdm.auto import tqdm
 
     if isinstance(task, str):
@@ -132,6 +137,9 @@ def evaluate(
             raise ValueError(f"evaluate({task!r}, ...) needs a length")
         task = make_task(task, length, model.config.vocab_size)
     task_name, length = task.name, task.seq_len
+    if num < 1 or batch < 1:
+        raise ValueError(f"num and batch must be >= 1, got num={num} batch={batch}")
+    batch = min(batch, max(1, batch_tokens // length))
     predictor = predictor or TailPredictor(model, task.vocab_size)
     correct = total = 0
     t0 = time.perf_counter()
@@ -168,12 +176,13 @@ def _git_commit() -> str | None:
         return None
 
 
-def run(model, task_name, lengths, num, batch, chunk_tokens, scan_impl, seed, out=None, extra=None):
+def run(model, task_name, lengths, num, batch, chunk_tokens, scan_impl, seed, out=None, extra=None,
+        batch_tokens=2**25):  # fmt: skip
     """Evaluates every length; returns the results dict, also written to `out` as JSON after
     each length (so a run cut short keeps what it measured)."""
     if scan_impl == "fastest":
         longest = max(lengths)
-        b = min(batch, num)
+        b = min(batch, num, max(1, batch_tokens // longest))
         scan_impl = fastest_scan_impl(model, b, pick_chunk(longest, b, chunk_tokens))
     model = with_scan_impl(model, scan_impl)
     predictor = TailPredictor(model, model.config.vocab_size)
@@ -192,8 +201,8 @@ def run(model, task_name, lengths, num, batch, chunk_tokens, scan_impl, seed, ou
     }
     for length in lengths:
         row = evaluate(
-            model, task_name, length, num, batch=batch, chunk_tokens=chunk_tokens, seed=seed,
-            predictor=predictor,
+            model, task_name, length, num, batch=batch, chunk_tokens=chunk_tokens,
+            batch_tokens=batch_tokens, seed=seed, predictor=predictor,
         )  # fmt: skip
         print(f"{task_name} l={length:>8d}  acc={row['accuracy']:.4f}  ({row['seconds']} s)")
         result["results"].append(row)
@@ -211,6 +220,9 @@ def main(argv=None):
     parser.add_argument("--num", type=int, default=1000, help="fresh sequences per length")
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--chunk-tokens", type=int, default=2**21, help="batch x chunk bound")
+    parser.add_argument(
+        "--batch-tokens", type=int, default=2**25, help="batch x length bound (host memory)"
+    )
     parser.add_argument(
         "--scan-impl", default="fastest",
         choices=("fastest", "reference", "associative", "pallas", "auto"),
@@ -233,10 +245,17 @@ def main(argv=None):
         "train_step": step,
         "train_seq_len": config.train.seq_len,
         "train_batch_size": config.train.batch_size,
+        "train_lr": config.train.lr,
+        "train_min_lr": config.train.min_lr,
+        "train_warmup_steps": config.train.warmup_steps,
     }
+    summary = os.path.join(args.checkpoint, "train_summary.json")
+    if os.path.exists(summary):  # written by train.py: wall time and final training metrics
+        with open(summary) as f:
+            extra["train_summary"] = json.load(f)
     return run(
         model, args.task, lengths, args.num, args.batch, args.chunk_tokens, args.scan_impl,
-        args.seed, out=args.out, extra=extra,
+        args.seed, out=args.out, extra=extra, batch_tokens=args.batch_tokens,
     )  # fmt: skip
 
 

@@ -248,15 +248,32 @@ def mfu(n_params: int, tokens_per_sec: float, num_devices: int, device=None) -> 
 
 
 class MetricsWriter:
-    """metrics.jsonl (one object per logged step) and TensorBoard events, from process 0 only."""
+    """metrics.jsonl (one object per logged step) and TensorBoard events, from process 0 only.
 
-    def __init__(self, directory: str, tensorboard: bool = True):
+    `start_step` is the step the run starts from: records after it (logged by an earlier run
+    that died before its next checkpoint) are dropped, so a resumed run's metrics.jsonl holds
+    each step once, in order. A fresh run (start_step 0) starts a fresh file."""
+
+    def __init__(self, directory: str, tensorboard: bool = True, start_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.tb = None
         if not self.enabled:
             return
         os.makedirs(directory, exist_ok=True)
-        self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")  # noqa: SIM115
+        path = os.path.join(directory, "metrics.jsonl")
+        kept = []
+        if os.path.exists(path) and start_step > 0:
+            with open(path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a kill
+                        continue
+                    if record.get("step", 0) <= start_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        self.jsonl = open(path, "w")  # noqa: SIM115
+        self.jsonl.writelines(kept)
+        self.jsonl.flush()
         if tensorboard:
             from tensorboardX import SummaryWriter
 

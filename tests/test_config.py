@@ -41,7 +41,9 @@ def test_defaults_and_overrides():
         ["train.steps=7", "train.lr=1e-4", "checkpoint.dir=/tmp/x", "data.tokenizer=null",
          "mesh.data=2", "mesh.fsdp=-1", "model.remat=true"],
     )  # fmt: skip
-    assert config.train.steps == 7 and config.train.lr == 1e-4
+    assert (
+        config.train.steps == 7 and config.train.lr == 1e-4 and isinstance(config.train.lr, float)
+    )
     assert config.checkpoint.dir == "/tmp/x" and config.data.tokenizer is None
     assert (config.mesh.data, config.mesh.fsdp) == (2, -1) and config.model.remat is True
     assert config.model.d_model == 96  # from the preset, untouched by the overrides
@@ -61,6 +63,8 @@ def test_defaults_and_overrides():
         ("mesh.data=0", "mesh"),
         ("data.format=csv", "data.format"),
         ("checkpoint.every=0", "checkpoint.every"),
+        ("train.time_limit_s=0", "train.time_limit_s"),
+        ("model.selective=maybe", "model.selective"),
         ("distributed.mode=maybe", "distributed.mode"),
         ("steps=3", "section.key"),
         ("train.steps", "section.key=value"),

@@ -63,3 +63,18 @@ def test_two_processes_train_save_and_resume(tmp_path, assert_close):
     # agree (up to the order of cross-process sums).
     assert_close(np.asarray([multi[s] for s in range(1, 7)]),
                  np.asarray([single[s] for s in range(1, 7)]))  # fmt: skip
+
+
+def test_distributed_init_is_wanted_only_when_the_environment_says_so():
+    from mamba_jax.config import DistributedConfig
+
+    auto = DistributedConfig()
+    assert not train.distributed_wanted(auto, {})
+    assert not train.distributed_wanted(auto, {"SLURM_NTASKS": "1"})
+    assert train.distributed_wanted(auto, {"SLURM_NTASKS": "4"})
+    assert train.distributed_wanted(auto, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert train.distributed_wanted(auto, {"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"})
+    assert not train.distributed_wanted(auto, {"TPU_WORKER_HOSTNAMES": "localhost"})
+    assert train.distributed_wanted(DistributedConfig(coordinator_address="h:1"), {})
+    assert train.distributed_wanted(DistributedConfig(mode="on"), {})
+    assert not train.distributed_wanted(DistributedConfig(mode="off"), {"SLURM_NTASKS": "4"})

@@ -11,24 +11,12 @@ from tests.test_checkpoint import ROOT, args
 
 def test_train_end_to_end(tmp_path, capsys):
     ckpt = tmp_path / "run"
-    result = train.main(
-        args(
-            tmp_path,
-            ckpt,
-            **{
-                "train.steps": 12,
-                "train.log_every": 4,
-                "train.eval_every": 8,
-                "train.lr": 1e-2,
-                "train.sample_tokens": 12,
-                "train.tensorboard": True,
-                "train.grad_accum": 2,
-                "mesh.data": 2,
-                "mesh.fsdp": -1,
-                "mesh.tensor": 2,
-            },
-        )  # fmt: skip
-    )
+    overrides = {
+        "train.steps": 12, "train.log_every": 4, "train.eval_every": 8, "train.lr": 1e-2,
+        "train.sample_tokens": 12, "train.tensorboard": True, "train.grad_accum": 2,
+        "mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 2,
+    }  # fmt: skip
+    result = train.main(args(tmp_path, ckpt, **overrides))
     out = capsys.readouterr().out
     assert result["step"] == 12
     with open(ckpt / "metrics.jsonl") as f:
@@ -44,6 +32,24 @@ def test_train_end_to_end(tmp_path, capsys):
     assert "--- sample (12 tokens) ---" in out
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(ckpt / "tensorboard"))
     assert sorted(os.listdir(ckpt))[0] == "12"  # the final checkpoint
+    with open(ckpt / "train_summary.json") as f:
+        summary = json.load(f)
+    assert summary["step"] == 12 and summary["start_step"] == 0 and summary["stopped"] is None
+
+    # Run again on the same directory with more steps and a time limit: it resumes at 12, the
+    # limit stops it after one step, with a checkpoint, and metrics.jsonl holds each step once.
+    more = dict(overrides, **{"train.steps": 40, "train.time_limit_s": 1e-3})
+    result = train.main(args(tmp_path, ckpt, **more))
+    out = capsys.readouterr().out
+    assert f"resumed from {ckpt} step 12" in out and "time limit: saving step 13" in out
+    assert result["step"] == 13 and result["stopped"] == "time limit"
+    assert "eval_loss" not in result  # no eval on an early stop
+    assert "12" in os.listdir(ckpt) and "13" in os.listdir(ckpt)
+    with open(ckpt / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [4, 8, 12, 13]
+    # Starting over on a directory that holds checkpoints is refused, not silently mixed.
+    with pytest.raises(ValueError, match="checkpoint.resume=false"):
+        train.main(args(tmp_path, ckpt, **dict(overrides, **{"checkpoint.resume": False})))
 
 
 def test_cli_rejects_bad_input(tmp_path):
