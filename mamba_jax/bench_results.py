@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 
 KINDS = ("scan", "train_throughput", "decode")
@@ -224,14 +225,31 @@ def mamba_ssm_scan_table() -> list[dict]:
     ]  # fmt: skip
 
 
+def _gpu_count(result, row):
+    """GPUs of one training row: the row's own count, else the file's `num_devices`, else the
+    product of the row's mesh axes (`mesh.data`, `mesh.fsdp`, ...), else 1."""
+    gpus = _lookup(row, "gpus")
+    if _is_number(gpus):
+        return int(gpus)
+    gpus = result.meta.get("num_devices")
+    if _is_number(gpus):
+        return int(gpus)
+    axes = [v for k, v in row.items() if k.startswith("mesh.") and _is_number(v)]
+    return int(math.prod(axes)) if axes else 1
+
+
 def train_table(results) -> list[dict]:
-    """Rows {device, date, file, model, gpus, tokens_per_s, mfu} of every training result."""
+    """Rows {device, date, file, model, gpus, batch, seq_len, scan_impl, tokens_per_s, mfu} of
+    every training result that measured a throughput (rows that record an error are left out:
+    see `errors`)."""
     return [
-        _with_meta(r, {"model": str(_lookup(row, "model", "?")), "gpus": _lookup(row, "gpus", 1),
+        _with_meta(r, {"model": str(_lookup(row, "model", "?")), "gpus": _gpu_count(r, row),
+                       "batch": _lookup(row, "b"), "seq_len": _lookup(row, "length"),
+                       "scan_impl": row.get("scan_impl"),
                        "tokens_per_s": float(_lookup(row, "tokens_per_s")),
                        "mfu": _lookup(row, "mfu")})
         for r in results if r.kind == "train_throughput"
-        for row in r.rows if _lookup(row, "tokens_per_s") is not None
+        for row in r.rows if _is_number(_lookup(row, "tokens_per_s"))
     ]  # fmt: skip
 
 
@@ -267,6 +285,43 @@ def decode_table(results) -> list[dict]:
     ]  # fmt: skip
 
 
+# What writes each kind of result into benchmarks/results/ (run from the repository root).
+PRODUCERS = {
+    "scan": "python benchmarks/scan.py",
+    "train_throughput": "python benchmarks/train_throughput.py "
+    "--out benchmarks/results/train_throughput_$(date +%Y-%m-%d).json",
+    "decode": "python benchmarks/decode.py",
+}
+
+
+def missing(results) -> list[str]:
+    """One sentence per benchmark kind that has no file among `results`, naming the command
+    that writes it. [] when every kind is present."""
+    have = {r.kind for r in results}
+    return [
+        f"No {kind} results under benchmarks/results/: on a GPU, run `{PRODUCERS[kind]}` "
+        f"and re-execute this notebook."
+        for kind in KINDS
+        if kind not in have
+    ]
+
+
+def errors(results) -> list[dict]:
+    """Rows {kind, device, date, file, what, error} for every row (or part of a row) that records
+    a failure instead of a measurement: an `error` field (out of memory at one size, say) or a
+    `*_error` field (a first try that fell back to another implementation)."""
+    out = []
+    for r in results:
+        for row in r.rows:
+            what = " ".join(f"{f}={_lookup(row, f)}" for f in ("model", "b", "shape", "impl")
+                            if _lookup(row, f) is not None)  # fmt: skip
+            for key, value in row.items():
+                if (key == "error" or key.endswith("_error")) and value:
+                    out.append(_with_meta(r, {"kind": r.kind, "what": what or "-",
+                                              "field": key, "error": str(value)}))  # fmt: skip
+    return out
+
+
 def provenance(table) -> str:
     """'device, date' (several joined by '; ') of the rows of a table, for plot titles."""
     seen = dict.fromkeys(
@@ -278,6 +333,21 @@ def provenance(table) -> str:
 # ----------------------------------------------------------------------------------------------
 # Plots. Each takes a table (plus the mamba_ssm anchors) and a matplotlib Axes, and titles the
 # plot with the device and date of what it shows.
+
+
+ANCHOR_NOTE = f"mamba_ssm: {ANCHOR_DEVICE}, {ANCHOR_DATE} (BENCHMARKS.md)"
+
+
+def _labeller(table):
+    """A function (row, name) -> legend label: `name` alone when the measured rows come from one
+    device, else `name (device)`, so results from different GPUs never share a line. The
+    BENCHMARKS.md anchors keep their bare name."""
+    devices = {r["device"] for r in table if r.get("file") != "BENCHMARKS.md"}
+    if len(devices) <= 1:
+        return lambda row, name: name
+    return lambda row, name: (
+        name if row.get("file") == "BENCHMARKS.md" else f"{name} ({row['device'] or 'unknown'})"
+    )
 
 
 def _axes(ax):
@@ -292,26 +362,30 @@ def plot_scan(table, pass_="fwd", anchors=None, ax=None):
     """Scan ms against L, one line per implementation, for one pass ("fwd" or "fwd+bwd").
 
     Only d_state 16 (the BENCHMARKS.md shapes) is drawn; where several block-size variants of
-    one implementation ran at a size, the fastest is drawn."""
+    one implementation ran at a size, the fastest is drawn. Results from several devices get
+    one line per (implementation, device)."""
     ax = _axes(ax)
     rows = [r for r in list(table) + list(anchors or [])
             if r["pass"] == pass_ and r["length"] and r.get("n", 16) == 16]  # fmt: skip
+    label = _labeller(rows)
     best = {}
     for r in rows:
-        key = (r["impl"], r["length"], r["b"], r["d"])
+        key = (label(r, r["impl"]), r["length"], r["b"], r["d"])
         if key not in best or r["ms"] < best[key]["ms"]:
             best[key] = r
-    for impl in dict.fromkeys(r["impl"] for r in rows):
-        pts = sorted((r["length"], r["ms"], r["shape"] or "") for r in best.values()
-                     if r["impl"] == impl)  # fmt: skip
-        style = "--" if impl == "mamba_ssm" else "-"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=impl)
+    for name in dict.fromkeys(key[0] for key in best):
+        pts = sorted((r["length"], r["ms"], r["shape"] or "") for key, r in best.items()
+                     if key[0] == name)  # fmt: skip
+        style = "--" if name == "mamba_ssm" else "-"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
         for length, ms, shape in pts:
             if shape:
                 ax.annotate(shape, (length, ms), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel="L (tokens)", ylabel="ms (median)")
-    ax.set_title(f"selective scan, {pass_}\n{provenance(rows)}", fontsize=9)
+    measured = [r for r in rows if r.get("file") != "BENCHMARKS.md"]
+    note = f"\n{ANCHOR_NOTE}" if len(measured) < len(rows) else ""
+    ax.set_title(f"selective scan, {pass_}\n{provenance(measured)}{note}", fontsize=9)
     ax.legend(fontsize=8)
     return ax
 
@@ -333,12 +407,14 @@ def _bars(ax, groups, series, values, title, ylabel):
 def plot_train(table, ax=None):
     """Training tokens/s per model: ours by GPU count, and mamba_ssm on one H100."""
     ax = _axes(ax)
-    values = {(r["model"], f"mamba-jax, {r['gpus']} GPU"): r["tokens_per_s"] for r in table}
+    label = _labeller(table)
+    values = {(r["model"], label(r, f"mamba-jax, {r['gpus']} GPU")): r["tokens_per_s"]
+              for r in table}  # fmt: skip
     for model, tps in MAMBA_SSM_TRAIN_TOKENS_PER_S.items():
         values[(model, "mamba_ssm, 1 GPU")] = tps
     groups = list(dict.fromkeys(g for g, _ in values))
     series = list(dict.fromkeys(s for _, s in values))
-    title = f"training tokens/s\n{provenance(table)}; mamba_ssm: BENCHMARKS.md, {ANCHOR_DATE}"
+    title = f"training tokens/s\n{provenance(table)}\n{ANCHOR_NOTE}"
     return _bars(ax, groups, series, values, title, "tokens/s")
 
 
@@ -347,7 +423,9 @@ def plot_decode(table, metric="e2e", ax=None):
     (for "e2e", the metric it was measured in) mamba_ssm."""
     ax = _axes(ax)
     table = [r for r in table if r["metric"] == metric]
-    values = {(f"{r['model']} b{r['batch']}", r["arch"]): r["tokens_per_s"] for r in table}
+    label = _labeller(table)
+    values = {(f"{r['model']} b{r['batch']}", label(r, r["arch"])): r["tokens_per_s"]
+              for r in table}  # fmt: skip
     if metric == "e2e":
         for (model, batch), tps in MAMBA_SSM_DECODE_TOKENS_PER_S.items():
             values[(f"{model} b{batch}", "mamba_ssm")] = tps
@@ -356,5 +434,5 @@ def plot_decode(table, metric="e2e", ax=None):
     ax.set_yscale("log")
     title = f"decode new tokens/s ({metric})\n{provenance(table)}"
     if metric == "e2e":
-        title += f"; mamba_ssm: BENCHMARKS.md, {ANCHOR_DATE}"
+        title += f"\n{ANCHOR_NOTE}"
     return _bars(ax, groups, series, values, title, "new tokens/s")

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -118,6 +119,87 @@ def ssm_intermediates(model, input_ids) -> SSMIntermediates:
             f"got {input_ids.dtype} {tuple(input_ids.shape)}"
         )
     return _intermediates(model, input_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# The implementations, side by side.
+
+
+def _run_impl(impl, args, interpret):
+    """(y, final state, how it ran) of one implementation, or raises what refused the call."""
+    if impl == "pallas" and (interpret or jax.default_backend() != "gpu"):
+        import pallas_kernels
+
+        y, h = pallas_kernels.selective_scan_pallas(*args, delta_softplus=True, interpret=True)
+        return y, h, "pallas_kernels.selective_scan_pallas(..., interpret=True)"
+    y, h = selective_scan(*args, delta_softplus=True, return_final_state=True, impl=impl)
+    return y, h, f"selective_scan(..., impl={impl!r}) on {jax.default_backend()}"
+
+
+def scan_agreement(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
+                   impls=("associative", "pallas"), interpret=None) -> dict:  # fmt: skip
+    """Runs each implementation of the selective scan (delta_softplus=True) on the same inputs
+    and compares it with impl="reference".
+
+    The Pallas kernel runs for real on a GPU and in interpret mode elsewhere (or wherever
+    interpret=True). Returns {impl: {"how", "max_abs_y", "max_abs_h", "ref_max_abs_y"}}; an
+    implementation that cannot run here gets {"how", "skipped": the reason} instead.
+    """
+    for impl in impls:
+        if impl not in IMPLS or impl == "auto":
+            raise ValueError(f"impls must name implementations out of {IMPLS[1:]}, got {impl!r}")
+    args = (u, delta, A, B, C, D, z, delta_bias)
+    y_ref, h_ref, _ = _run_impl("reference", args, False)
+    out = {}
+    for impl in impls:
+        try:
+            y, h, how = _run_impl(impl, args, interpret)
+        except (ImportError, ValueError, NotImplementedError) as err:
+            out[impl] = {"how": impl, "skipped": f"{type(err).__name__}: {err}"}
+            continue
+        f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+        out[impl] = {
+            "how": how,
+            "max_abs_y": float(jnp.max(jnp.abs(f32(y) - f32(y_ref)))),
+            "max_abs_h": float(jnp.max(jnp.abs(f32(h) - f32(h_ref)))),
+            "ref_max_abs_y": float(jnp.max(jnp.abs(f32(y_ref)))),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouping what the scan sees by the kind of token at each position.
+
+
+def token_kinds(task, inputs):
+    """(b, l) labels "noise", "marker" or "data" of a SelectiveCopying batch's inputs (b, l)."""
+    inputs = np.asarray(inputs)
+    if inputs.ndim != 2 or not np.issubdtype(inputs.dtype, np.integer):
+        raise ValueError(f"inputs must be an integer array of shape (b, l), "
+                         f"got {inputs.dtype} {inputs.shape}")  # fmt: skip
+    return np.where(inputs == task.noise, "noise",
+                    np.where(inputs == task.marker, "marker", "data"))  # fmt: skip
+
+
+def mean_by_kind(values, kinds) -> dict:
+    """values: (b, l, ...) per position; kinds: (b, l) labels. Returns {label: the mean of values
+    over the positions with that label, shape (...)}, labels in order of first appearance."""
+    values, kinds = np.asarray(values, np.float64), np.asarray(kinds)
+    if values.shape[:2] != kinds.shape:
+        raise ValueError(f"kinds must have shape values.shape[:2]={values.shape[:2]}, "
+                         f"got {kinds.shape}")  # fmt: skip
+    return {k: values[kinds == k].mean(axis=0) for k in dict.fromkeys(kinds.ravel().tolist())}
+
+
+def selectivity(values, kinds, on="data", off="noise"):
+    """values: (b, l, e) per position and channel (Δ', say). The ratio, per channel, of the mean
+    on positions labelled `on` to the mean on positions labelled `off`: (e,). An LTI layer, whose
+    Δ' is the same everywhere, gives exactly 1 in every channel."""
+    means = mean_by_kind(values, kinds)
+    for label in (on, off):
+        if label not in means:
+            raise ValueError(f"kinds must contain {label!r}, got {sorted(means)}")
+    return means[on] / means[off]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,9 +15,13 @@ from mamba_jax.inspection import (
     discretize,
     fit_task,
     masked_task_loss,
+    mean_by_kind,
     measure_scan,
+    scan_agreement,
     scan_work_depth,
+    selectivity,
     ssm_intermediates,
+    token_kinds,
 )
 from mamba_jax.tasks import SelectiveCopying
 
@@ -173,3 +177,50 @@ def test_fit_task_trains_in_place_and_logs():
     assert not np.allclose(before, np.asarray(model.layers.mixer.x_proj.kernel[...]))
     with pytest.raises(ValueError, match="steps"):
         fit_task(model, task, steps=0, batch_size=4)
+
+
+def test_scan_agreement_runs_every_implementation_against_the_reference():
+    b, l, e, n = 1, 12, 8, 4
+    ks = jax.random.split(jax.random.key(0), 5)
+    u, delta, z = (jax.random.normal(k, (b, l, e)) for k in ks[:3])
+    A = -jnp.exp(_rand(3, (e, n)))
+    B, C = _rand(4, (b, l, n)), _rand(5, (b, l, n))
+    got = scan_agreement(u, delta, A, B, C, z=z, impls=("associative", "pallas"))
+    for impl in ("associative", "pallas"):
+        r = got[impl]
+        assert impl in r["how"] and "skipped" not in r
+        assert r["ref_max_abs_y"] > 0.1
+        assert r["max_abs_y"] < 1e-4 * r["ref_max_abs_y"] and r["max_abs_h"] < 1e-4
+    assert "interpret=True" in got["pallas"]["how"]  # the CPU runs the kernel interpreted
+    # A kernel that refuses the call (d_state above its limit) is reported, not raised.
+    import pallas_kernels
+
+    big = pallas_kernels.MAX_D_STATE + 1
+    A2, B2 = -jnp.ones((e, big)), jnp.ones((b, l, big))
+    refused = scan_agreement(u, delta, A2, B2, B2, impls=("pallas",))["pallas"]
+    assert "d_state" in refused["skipped"]
+    with pytest.raises(ValueError, match="impls"):
+        scan_agreement(u, delta, A, B, C, impls=("auto",))
+
+
+def test_token_kinds_and_grouped_means():
+    task = SelectiveCopying(seq_len=10, vocab_size=6, n_data=3)
+    inputs = np.stack([task.example(seed=0, index=i)["inputs"] for i in range(4)])  # (4, 10)
+    kinds = token_kinds(task, inputs)
+    assert kinds.shape == (4, 10)
+    assert (kinds == "marker").sum(axis=1).tolist() == [3] * 4  # the last n_data positions
+    assert (kinds == "data").sum(axis=1).tolist() == [3] * 4
+    assert np.all(inputs[kinds == "noise"] == 0)
+    # Per channel: channel 0 is 3 on data and 1 elsewhere, channel 1 is 2 everywhere.
+    values = np.stack([np.where(kinds == "data", 3.0, 1.0), np.full((4, 10), 2.0)], axis=-1)
+    means = mean_by_kind(values, kinds)
+    assert set(means) == {"noise", "data", "marker"}
+    np.testing.assert_allclose(means["data"], [3.0, 2.0])
+    np.testing.assert_allclose(means["noise"], [1.0, 2.0])
+    np.testing.assert_allclose(selectivity(values, kinds), [3.0, 1.0])
+    with pytest.raises(ValueError, match="kinds must have shape"):
+        mean_by_kind(values[:, :5], kinds)
+    with pytest.raises(ValueError, match="'gap'"):
+        selectivity(values, kinds, on="gap")
+    with pytest.raises(ValueError, match="inputs"):
+        token_kinds(task, inputs.astype(np.float32))
