@@ -43,20 +43,22 @@ def sample_logits(logits, rng, *, temperature, top_k=None, top_p=None, vocab_siz
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "vocab_size")
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "nucleus", "vocab_size"),
 )
 def _generate_jit(graphdef, state, input_ids, rng, temperature, top_p, *, max_new_tokens, greedy,
-                  top_k, vocab_size):  # fmt: skip
+                  top_k, nucleus, vocab_size):  # fmt: skip
     model = nnx.merge(graphdef, state)
     bsz = input_ids.shape[0]
     temp = 0 if greedy else temperature
 
     def sample(logits, key):
         return sample_logits(
-            logits, key, temperature=temp, top_k=top_k, top_p=top_p, vocab_size=vocab_size
-        )
+            logits, key, temperature=temp, top_k=top_k, top_p=top_p if nucleus else None,
+            vocab_size=vocab_size,
+        )  # fmt: skip
 
-    logits, cache = model(input_ids, cache=model.init_cache(bsz))
+    logits, cache = model(input_ids, cache=model.init_cache(bsz), last_only=True)  # (b, 1, v)
     rng, key = jax.random.split(rng)
     first = sample(logits[:, -1], key)  # (b,)
 
@@ -102,7 +104,7 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
         graphdef, state, input_ids, rng, jnp.float32(max(temperature, 1e-6)),
         jnp.float32(1.0 if top_p is None else top_p),
         max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=top_k,
-        vocab_size=model.config.vocab_size,
+        nucleus=top_p is not None and top_p < 1.0, vocab_size=model.config.vocab_size,
     )  # fmt: skip
 
 

@@ -78,8 +78,12 @@ class MambaLM(nnx.Module):
         table = self.embedding.embedding[...].astype(self.dtype)  # (v, d), tied head
         return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids, cache: MambaCache | None = None):
-        """input_ids: (b, l) int. Returns logits (b, l, v) float32, plus the updated cache if given."""
+    def __call__(self, input_ids, cache: MambaCache | None = None, *, last_only: bool = False):
+        """input_ids: (b, l) int. Returns logits (b, l, v) float32, plus the updated cache if given.
+
+        last_only=True computes the head on the last position only, (b, 1, v): a prefill for
+        decoding needs no more, and the full (b, l, v) float32 logits can be gigabytes.
+        """
         self._check_ids(input_ids, 2)
         x = self.embedding(input_ids).astype(jnp.float32)  # (b, l, d)
         remat = self.config.remat
@@ -91,7 +95,7 @@ class MambaLM(nnx.Module):
                 return fn(block, x)
 
             x = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
-            return self._logits(x)
+            return self._logits(x[:, -1:] if last_only else x)
 
         def body_cached(x, block, conv, ssm):
             x, (conv, ssm) = block(x, (conv, ssm))
@@ -100,7 +104,7 @@ class MambaLM(nnx.Module):
         x, (conv, ssm) = nnx.scan(
             body_cached, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0)
         )(x, self.layers, cache.conv, cache.ssm)
-        return self._logits(x), MambaCache(conv, ssm)
+        return self._logits(x[:, -1:] if last_only else x), MambaCache(conv, ssm)
 
     def step(self, token_ids, cache: MambaCache):
         """token_ids: (b,) int. Returns (logits (b, v) float32, updated cache)."""

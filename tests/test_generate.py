@@ -39,6 +39,18 @@ def test_two_prefills_equal_one(model):
     np.testing.assert_allclose(np.concatenate([l1, l2], 1), np.asarray(full), rtol=1e-5, atol=1e-5)
 
 
+def test_last_only_equals_the_last_position(model):
+    x = jax.random.randint(jax.random.key(11), (2, 6), 0, 29)
+    full = model(x)
+    last = model(x, last_only=True)
+    cached_full, cache_a = model(x, cache=model.init_cache(2))
+    cached_last, cache_b = model(x, cache=model.init_cache(2), last_only=True)
+    assert last.shape == (2, 1, CFG.padded_vocab_size)
+    np.testing.assert_array_equal(np.asarray(last), np.asarray(full[:, -1:]))
+    np.testing.assert_array_equal(np.asarray(cached_last), np.asarray(cached_full[:, -1:]))
+    np.testing.assert_array_equal(np.asarray(cache_a.ssm), np.asarray(cache_b.ssm))
+
+
 def test_greedy_generate_matches_argmax_loop(model):
     prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, 29)
     out = generate(model, prompt, 6)
