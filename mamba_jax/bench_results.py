@@ -309,9 +309,14 @@ def missing(results) -> list[str]:
 def errors(results) -> list[dict]:
     """Rows {kind, device, date, file, what, error} for every row (or part of a row) that records
     a failure instead of a measurement: an `error` field (out of memory at one size, say) or a
-    `*_error` field (a first try that fell back to another implementation)."""
+    `*_error` field (a first try that fell back to another implementation), and every item a
+    file lists under `skipped` (sizes a time-budgeted run never started)."""
     out = []
     for r in results:
+        skipped = r.meta.get("skipped")
+        for item in skipped if isinstance(skipped, list) else []:
+            out.append(_with_meta(r, {"kind": r.kind, "what": str(item), "field": "skipped",
+                                      "error": "not run: the run's time budget was spent"}))  # fmt: skip
         for row in r.rows:
             what = " ".join(f"{f}={_lookup(row, f)}" for f in ("model", "b", "shape", "impl")
                             if _lookup(row, f) is not None)  # fmt: skip

@@ -74,6 +74,7 @@ def results_dir(tmp_path):
     # As benchmarks/decode.py writes it: wide rows, one per (model, batch).
     _write(tmp_path / "decode_2026-11-23.json", {
         "benchmark": "decode", "device": H100, "jax": "0.11.2", "date": "2026-11-23T09:00:00",
+        "skipped": ["2.8b"],
         "rows": [
             {"model": "130m", "batch": 64, "mamba_params": 129e6, "mamba_decode_tok_s": 50000.0,
              "mamba_e2e_tok_s": 40000.0, "transformer_decode_tok_s": 9000.0,
@@ -199,8 +200,10 @@ def test_missing_kinds_and_recorded_errors(results_dir, tmp_path_factory):
     assert br.missing(results) == []
     failed = br.errors(results)
     assert [(e["kind"], e["field"], e["device"]) for e in failed] == [
-        ("decode", "error", H100), ("train_throughput", "error", "NVIDIA H200")]  # fmt: skip
-    assert "model=1.4b" in failed[1]["what"] and "RESOURCE_EXHAUSTED" in failed[1]["error"]
+        ("decode", "skipped", H100), ("decode", "error", H100),
+        ("train_throughput", "error", "NVIDIA H200")]  # fmt: skip
+    assert failed[0]["what"] == "2.8b" and "budget" in failed[0]["error"]
+    assert "model=1.4b" in failed[2]["what"] and "RESOURCE_EXHAUSTED" in failed[2]["error"]
     only_scan = [r for r in results if r.kind == "scan"]
     notes = br.missing(only_scan)
     assert len(notes) == 2
