@@ -2,6 +2,7 @@
 
     python benchmarks/scan.py                         # S1-S4 at d_state 16, plus S1 at d_state 64
     python benchmarks/scan.py --shapes S1 --impls pallas --variants 16:4,32:8
+    python benchmarks/scan.py --shapes S1 --impls pallas --bwd-reduce smem,shuffle --no-n64
 
 bf16 u, delta, z, B, C; fp32 A, D, delta_bias; delta_softplus; z gate on; B/C shared (b, l, n).
 Each configuration is checked against impl="reference" on a slice first, then timed: ten calls
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import pathlib
 import subprocess
@@ -84,15 +86,23 @@ def time_ms(fn, args, repeats=15, inner=10):
     return float(np.median(times))
 
 
+@functools.cache
+def reference_outputs(b, e, n, length):
+    """Inputs, y and gradients of impl="reference" (computed once per size)."""
+    args = make_inputs(b, e, length, n, seed=1)
+    ref = scan_fn("reference")
+    return args, jax.jit(ref)(*args), jax.jit(fwd_bwd_fn(ref))(*args)
+
+
 def check(impl, block_sizes, b, e, n, length=1024):
     """Max |err| / max |ref| of fwd and of every gradient against the fp32 reference."""
-    args = make_inputs(b, e, length, n, seed=1)
-    f, ref = scan_fn(impl, block_sizes), scan_fn("reference")
+    args, y_ref, g_ref = reference_outputs(b, e, n, length)
+    f = scan_fn(impl, block_sizes)
     errs = {}
-    y, y_ref = jax.jit(f)(*args), jax.jit(ref)(*args)
+    y = jax.jit(f)(*args)
     rel = lambda a, r: float(jnp.max(jnp.abs(a.astype(jnp.float32) - r.astype(jnp.float32))) / jnp.max(jnp.abs(r.astype(jnp.float32))))  # fmt: skip
     errs["y"] = rel(y, y_ref)
-    g, g_ref = jax.jit(fwd_bwd_fn(f))(*args), jax.jit(fwd_bwd_fn(ref))(*args)
+    g = jax.jit(fwd_bwd_fn(f))(*args)
     for name, a, r in zip("u delta A B C D z bias".split(), g, g_ref, strict=True):
         errs["d" + name] = rel(a, r)
     return errs
@@ -106,16 +116,20 @@ def git_commit():
         return None
 
 
-def parse_variants(text):
-    if not text:
+def parse_variants(text, reduces):
+    """Block sizes tile:sub[:chunks[:target_blocks]], each crossed with the bwd_reduce methods."""
+    if not text and not reduces:
         return [None]
     out = []
-    for item in text.split(","):
-        tile, sub, *rest = (int(x) if x else None for x in item.split(":"))
-        kw = dict(zip(("chunks", "target_blocks"), rest, strict=False))
-        if kw.get("target_blocks") is None:
-            kw.pop("target_blocks", None)
-        out.append(pallas_kernels.BlockSizes(tile=tile, sub=sub, **kw))
+    for item in text.split(",") if text else [""]:
+        kw = {}
+        if item:
+            tile, sub, *rest = (int(x) if x else None for x in item.split(":"))
+            kw = dict(zip(("tile", "sub", "chunks", "target_blocks"), (tile, sub, *rest)))
+            kw = {k: v for k, v in kw.items() if v is not None or k in ("sub", "chunks")}
+        for reduce in reduces or [None]:
+            extra = {} if reduce is None else {"bwd_reduce": reduce}
+            out.append(pallas_kernels.BlockSizes(**kw, **extra))
     return out
 
 
@@ -125,6 +139,11 @@ def main():
     parser.add_argument("--impls", default="pallas,associative,mamba_ssm")
     parser.add_argument(
         "--variants", default="", help="pallas block sizes tile:sub[:chunks[:target_blocks]],..."
+    )
+    parser.add_argument(
+        "--bwd-reduce",
+        default="",
+        help="backward dB/dC channel-sum methods to compare (shuffle,smem); default: the kernel's",
     )
     parser.add_argument("--no-n64", action="store_true", help="skip the d_state 64 row")
     parser.add_argument("--no-check", action="store_true")
@@ -146,12 +165,17 @@ def main():
     for shape, n in configs:
         b, e, length = SHAPES[shape]
         for impl in impls:
-            variants = parse_variants(args.variants) if impl == "pallas" else [None]
+            reduces = [r for r in args.bwd_reduce.split(",") if r]
+            variants = parse_variants(args.variants, reduces) if impl == "pallas" else [None]
             for bs in variants:
                 row = dict(shape=shape, b=b, d=e, L=length, n=n, impl=impl)
                 if bs is not None:
                     row["block_sizes"] = dict(
-                        tile=bs.tile, sub=bs.sub, chunks=bs.chunks, target_blocks=bs.target_blocks
+                        tile=bs.tile,
+                        sub=bs.sub,
+                        chunks=bs.chunks,
+                        target_blocks=bs.target_blocks,
+                        bwd_reduce=bs.bwd_reduce,
                     )
                 if impl == "mamba_ssm":
                     print("mamba_ssm timing is not wired in this script; use the CUDA anchors")
@@ -171,15 +195,20 @@ def main():
                 print(json.dumps(row), flush=True)
 
     print(f"\nselective scan, {device}, jax {jax.__version__}, bf16, ms (median)")
-    print(f"{'shape':5} {'n':>3} {'impl':12} {'variant':10} {'fwd':>8} {'fwd+bwd':>8} "
+    print(f"{'shape':5} {'n':>3} {'impl':12} {'variant':20} {'fwd':>8} {'fwd+bwd':>8} "
           f"{'CUDA/fwd':>8} {'CUDA/f+b':>8}")  # fmt: skip
     for r in rows:
         cf, cb = CUDA_ANCHORS[r["shape"]] if r["n"] == 16 else (None, None)
         fmt = lambda x: f"{x:8.3f}" if x is not None else f"{'-':>8}"
         ratio = lambda c, x: f"{c / x:8.2f}" if c and x else f"{'-':>8}"
         bs = r.get("block_sizes")
-        var = f"{bs['tile']}:{bs['sub']}:{bs['chunks'] or ''}:{bs['target_blocks']}" if bs else ""
-        print(f"{r['shape']:5} {r['n']:3d} {r['impl']:12} {var:10} {fmt(r['fwd_ms'])} "
+        var = (
+            f"{bs['tile']}:{bs['sub']}:{bs['chunks'] or ''}:{bs['target_blocks']}:"
+            f"{bs['bwd_reduce']}"
+            if bs
+            else ""
+        )
+        print(f"{r['shape']:5} {r['n']:3d} {r['impl']:12} {var:20} {fmt(r['fwd_ms'])} "
               f"{fmt(r['fwd_bwd_ms'])} {ratio(cf, r['fwd_ms'])} {ratio(cb, r['fwd_bwd_ms'])}")  # fmt: skip
 
     date = datetime.datetime.now(datetime.UTC)

@@ -22,6 +22,7 @@ STATE = plgpu.Layout.TCGEN05_TMEM_NATIVE(1)
 ROW = STATE.reduce(1)
 COL = STATE.reduce(0)
 NUM_SMS_HOPPER = 132
+BWD_REDUCE = ("shuffle", "smem")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,16 +34,27 @@ class BlockSizes:
       a multiple of 32 / n_block, the tokens per channel-sum round of dB and dC.
     chunks: sequence chunks run in parallel (None: enough to give every SM several blocks).
     target_blocks: blocks aimed for when choosing chunks automatically.
+    bwd_reduce: how the backward sums the per-channel dB, dC products over a block's channels.
+      "smem" (default): the products go to SMEM, state-major (conflict-free stores), and a
+      WGMMA-layout load sums them every 32 / n_block tokens.
+      "shuffle": per token, a recursive-halving warp shuffle leaves one warp-partial sum per lane
+      (31 shuffles for 32 values), parked in SMEM and summed over the 4 warps once per tile;
+      measured 2-3% slower than "smem" on H100 (pallas_kernels/NOTES.md). It falls back to
+      "smem" when tile * 2 * n_block is not a multiple of 128.
     """
 
     tile: int = 8
     sub: int | None = None
     chunks: int | None = None
     target_blocks: int = 6 * NUM_SMS_HOPPER
+    bwd_reduce: str = "smem"
 
     def __post_init__(self):
         if self.sub is not None and (self.tile < 1 or self.sub < 1 or self.tile % self.sub):
             raise ValueError(f"BlockSizes: {self.sub=} must divide {self.tile=}, both positive")
+        if self.bwd_reduce not in BWD_REDUCE:
+            raise ValueError(f"BlockSizes: bwd_reduce must be one of {BWD_REDUCE}, got "
+                             f"{self.bwd_reduce!r}")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +74,7 @@ class Plan:
     tiles_per_chunk: int
     n_chunks: int
     n_split: int = 1  # d_state above 16 runs as n_split independent 16-state scans
+    bwd_reduce: str = "smem"  # see BlockSizes; resolved (never "shuffle" where it cannot run)
 
     @property
     def length_pad(self):
@@ -106,8 +119,11 @@ def make_plan(b, length, e, n, g, block_sizes: BlockSizes) -> Plan:
     divisors = [d for d in range(1, n_tiles + 1) if n_tiles % d == 0]
     chunks = min(divisors, key=lambda d: (abs(math.log(d / chunks)), -d))
     tiles_per_chunk = n_tiles // chunks
+    reduce = block_sizes.bwd_reduce
+    if reduce == "shuffle" and (tile * 2 * n_pad) % W:
+        reduce = "smem"
     return Plan(b, length, e, n, g, g * p_pad, n_pad, tile, sub, n_tiles, tiles_per_chunk,
-                chunks, n_split)  # fmt: skip
+                chunks, n_split, reduce)  # fmt: skip
 
 
 def pad_channels(x, plan: Plan, axis):

@@ -23,7 +23,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.extend.mlir import ir
+from jax.extend.mlir.dialects import arith, memref, vector
 
 from pallas_kernels import _common as cm
 from pallas_kernels._common import W
@@ -34,6 +37,53 @@ def _gate(gy, zz, y_pre):
     sig = cm.sigmoid(zz)
     silu = zz * sig
     return gy * silu, gy * y_pre * sig * (1.0 + zz * (1.0 - sig))
+
+
+def _warp_sums(pc, pb, red_s, t, n, interpret):
+    """Per-warp channel sums of one token's dC and dB products.
+
+    pc, pb: (W, n) products, one channel per thread. Writes red_s[w, t * 2n + i] = the sum over
+    warp w's 32 channels of value i of concat(pc, pb) (i < n: dC, else dB). On the GPU this is a
+    recursive-halving shuffle: at each step a lane keeps half of its values and swaps the other
+    half with the lane `half` away, so 2n values take 2n - 1 shuffles (16 + 8 + 4 + 2 + 1 for n =
+    16) and leave lane l holding value l % 2n, which it stores (the 32 lanes hit 32 banks)."""
+    v = 2 * n
+    if interpret:  # interpret mode runs no Mosaic GPU code: the same sums, in plain JAX
+        x = jnp.concatenate([pc, pb], axis=1).reshape(W // 32, 32, v)
+        red_s[:, pl.ds(t * v, v)] = jnp.sum(x, axis=1)
+        return
+
+    @plgpu.inline_mgpu(arg_types=(cm.STATE, cm.STATE, plgpu.RefType()))
+    def reduce(_, a, b, ref):
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        c = lambda x: arith.constant(i32, x)
+        vals = list(a.registers.flat) + list(b.registers.flat)  # vector<1xf32>, value order
+        assert len(vals) == v, (len(vals), v)
+        tid = mgpu_utils.thread_idx()
+        lane = arith.andi(tid, c(31))
+        warp = arith.andi(arith.shrui(tid, c(5)), c(3))
+        half = v // 2
+        while half:
+            upper = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(lane, c(half)), c(0))
+            nxt = []
+            for i in range(half):
+                lo, hi = vals[i], vals[i + half]
+                keep = arith.select(upper, hi, lo)
+                send = arith.select(upper, lo, hi)
+                nxt.append(arith.addf(keep, mgpu_utils.shfl_bfly(send, half)))
+            vals, half = nxt, half // 2
+        acc, dist = vals[0], v
+        while dist < 32:  # n < 16: lanes l and l + 2n hold partial sums of the same value
+            acc = arith.addf(acc, mgpu_utils.shfl_bfly(acc, dist))
+            dist *= 2
+        scalar = vector.extract(
+            acc, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0])
+        )
+        col = arith.addi(c(t * v), arith.remui(lane, c(v)))
+        cast = lambda x: arith.index_cast(index, x)
+        memref.store(scalar, ref, [cast(warp), cast(col)])
+
+    reduce(pc, pb, red_s)
 
 
 def adjoint_pass(delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, interpret=False):
@@ -102,14 +152,21 @@ def adjoint_pass(delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, int
     )(*ops)
 
 
+def dbc_round(plan: cm.Plan):
+    """Tokens per dB, dC round in the main pass's flat output: 1 for the shuffle reduction; for
+    the SMEM one, 32 / n, whose products fill one 64-row WGMMA tile (2 x R x n = 64)."""
+    return 1 if plan.bwd_reduce == "shuffle" else 32 // plan.n_pad
+
+
 def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, delta_softplus,
               grad_dtype=None, interpret=False):  # fmt: skip
     """Gradients of every chunk, walking backwards from G_end (b, c, e, n) at each chunk's end.
 
     dB and dC come back as per-block partial sums over the block's W channels, flattened as
-    (b, e_blocks, l_pad / R, 2 (dC, dB), R, n) with R = 32 / n tokens per channel-sum round."""
+    (b, e_blocks, l_pad / R, 2 (dC, dB), R, n) with R = dbc_round(plan) tokens per round."""
     T, K, n = plan.tile, plan.sub, plan.n_pad
-    R = 32 // n  # tokens whose dB, dC products fill one 64-row WGMMA tile: 2 x R x n = 64
+    shuffle = plan.bwd_reduce == "shuffle"
+    R = dbc_round(plan)
     epg, tpc = plan.eblocks_per_group, plan.tiles_per_chunk
     has_z = z is not None
     n_copies = (3 if has_z else 2) + 1
@@ -125,7 +182,7 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
         dbc_g, dA_g, dD_g, dbias_g, dh_g = (next(it) for _ in range(5))
         du_s, dd_s = next(it), next(it)
         dz_s = next(it) if has_z else None
-        dbc_s, sub_s, vec_s, x_s = (next(it) for _ in range(4))
+        dbc_s, sub_s, vec_s, x_s = (next(it) for _ in range(4))  # x_s: (4, T 2n) if shuffle
 
         bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
         e0 = pl.multiple_of(eb * W, W)
@@ -150,10 +207,13 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
                 dt, ddt = cm.discretize(cm.load_row(d_s.at[t]), bias, valid, delta_softplus)
                 return dt, ddt, cm.load_row(u_s.at[t])
 
+            def step(h, t, tok):
+                dt, _, uu = tok
+                a = jnp.exp(cm.rows(dt, n) * A_r)
+                return a * h + cm.rows(dt * uu, n) * cm.cols(cm.load_col(B_s.at[t]))
+
             def advance(h, t):
-                dt, _, uu = token(t)
-                Bt = cm.load_col(B_s.at[t])
-                return jnp.exp(cm.rows(dt, n) * A_r) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
+                return step(h, t, token(t))
 
             # Forward sweep over the tile from its saved start state; keep every K-th state.
             h = cm.load_state(ck_s)
@@ -165,9 +225,9 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
                 h_start = cm.load_state(ck_s if k == 0 else sub_s.at[k - 1])
                 hs, cache, h = [], [], h_start
                 for j in range(K):  # recompute this sub-tile's states into registers
-                    h = advance(h, k * K + j)
-                    hs.append(h)
                     cache.append(token(k * K + j))
+                    h = step(h, k * K + j, cache[-1])
+                    hs.append(h)
                 for j in reversed(range(K)):
                     t = k * K + j
                     dt, ddt, uu = cache[j]
@@ -179,14 +239,20 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
                         gys, dz = _gate(gys, cm.load_row(z_s.at[t]), y_pre)
                         dz_s[slot, t] = dz.astype(dz_s.dtype)
                     lam = G + cm.rows(gys, n) * cm.cols(Ct)  # dL/dh_t
-                    if j % R == R - 1:
+                    if shuffle:
+                        pc, pb = cm.rows(gys, n) * h_t, cm.rows(dt * uu, n) * lam
+                        _warp_sums(pc, pb, x_s, t, n, interpret)
+                    elif j % R == R - 1:
                         plgpu.commit_smem()  # the last round's reads of x_s are done
                     # Per-thread dC, dB products, stored transposed (state-major rows, one column
                     # per thread) so that the stores are bank-conflict free.
                     jj = j % R
-                    x_s.at[pl.ds(jj * n, n), pl.ds(0, W)].T[...] = cm.rows(gys, n) * h_t
-                    x_s.at[pl.ds((R + jj) * n, n), pl.ds(0, W)].T[...] = cm.rows(dt * uu, n) * lam
-                    if jj == 0:
+                    if not shuffle:
+                        x_s.at[pl.ds(jj * n, n), pl.ds(0, W)].T[...] = cm.rows(gys, n) * h_t
+                        x_s.at[pl.ds((R + jj) * n, n), pl.ds(0, W)].T[...] = (
+                            cm.rows(dt * uu, n) * lam
+                        )
+                    if not shuffle and jj == 0:
                         # Sum over channels: in the WGMMA layout a warp owns 16 whole rows, so
                         # the sum is 32 adds and 2 shuffles per row, no cross-warp step.
                         plgpu.commit_smem()
@@ -195,6 +261,8 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
                         )
                         dbc_s[slot, pl.ds((t // R) * 2 * R * n, 2 * R * n)] = jnp.sum(x, axis=1)
                     s = jnp.sum(lam * cm.cols(Bt), axis=1)  # dL/d(dt u)
+                    # Same value as in the recompute above; the compiler merges the two (keeping
+                    # it in a list compiled to identical registers and spills; NOTES.md, 4b).
                     a = jnp.exp(cm.rows(dt, n) * A_r)
                     g_da = lam * h_prev * a  # dL/d(dt A)
                     d_dt = (uu * s + jnp.sum(g_da * A_r, axis=1)) * ddt
@@ -204,6 +272,11 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
                     dD_acc = dD_acc + gys * uu
                     db_acc = db_acc + d_dt
                     G = a * lam
+            if shuffle:
+                # Sum the four warps' partial sums of the whole tile: every thread adds 4 rows
+                # of T 2n / 128 contiguous values.
+                plgpu.commit_smem()
+                dbc_s[slot] = x_s[0] + x_s[1] + x_s[2] + x_s[3]
             plgpu.commit_smem()
             rows_sl = pl.ds(tile_idx * T, T)
             plgpu.copy_smem_to_gmem(du_s.at[slot], du_g.at[bi, rows_sl, pl.ds(e0, W)])
@@ -257,8 +330,9 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
         plgpu.SMEM((2, T * 2 * n), f32),
         plgpu.SMEM((max(T // K - 1, 2), W, n), f32),
         plgpu.SMEM((2, W), f32),
-        # Rows padded by 8 words so the WGMMA-layout loads spread over the banks.
-        plgpu.SMEM((2 * R * n, W + 8), f32),
+        # shuffle: each warp's partial sums for the tile. smem: the products of one round, rows
+        # padded by 8 words so the WGMMA-layout loads spread over the banks.
+        plgpu.SMEM((W // 32, T * 2 * n), f32) if shuffle else plgpu.SMEM((2 * R * n, W + 8), f32),
     ]
     ops = (u, delta) + ((z,) if has_z else ()) + (B, C, gy, ckpt, A, D, bias, G_end)
     return plgpu.kernel(
@@ -294,7 +368,7 @@ def backward(u, delta, z, B, C, A, D, bias, ckpt, dt_sum, gy, gh, plan: cm.Plan,
     dz, rest = (outs[2], outs[3:]) if z is not None else (None, outs[2:])
     dbc, dAp, dDp, dbp, dhs = rest
     b, L, n, g = plan.b, plan.length_pad, plan.n_pad, plan.g
-    R = 32 // n
+    R = dbc_round(plan)
     # (b, e_blocks, l_pad / R, 2, R, n) -> per group, blocks summed in a fixed order.
     dbc = dbc.reshape(b, g, plan.eblocks_per_group, -1, 2, R, n).sum(2)
     dbc = jnp.moveaxis(dbc, 3, 0).reshape(2, b, g, L, n)  # (2, b, g, l_pad, n)

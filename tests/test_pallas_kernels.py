@@ -14,6 +14,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 import pallas_kernels as pk
 from mamba_jax.scan import selective_scan
+from pallas_kernels._common import make_plan
 
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -95,21 +96,34 @@ def check_against_reference(args, softplus, interpret, assert_close, block_sizes
 # Interpret mode on CPU: every feature, tiny shapes. Each case is one fwd + one bwd interpretation.
 
 INTERPRET_CASES = [
-    # dtype, b, L, e, n, groups (0: shared (b, l, n)), z, D, bias, h0, softplus, chunks
-    (jnp.float32, 1, 21, 128, 16, 0, True, True, True, True, True, 2),
-    (jnp.bfloat16, 2, 11, 192, 5, 2, False, False, False, False, False, 1),
-    (jnp.float16, 1, 9, 128, 20, 1, True, True, True, True, True, 2),
+    # dtype, b, L, e, n, groups (0: shared (b, l, n)), z, D, bias, h0, softplus, chunks,
+    # the backward's dB/dC channel sum
+    (jnp.float32, 1, 21, 128, 16, 0, True, True, True, True, True, 2, "shuffle"),
+    (jnp.bfloat16, 2, 11, 192, 5, 2, False, False, False, False, False, 1, "smem"),
+    (jnp.float16, 1, 9, 128, 20, 1, True, True, True, True, True, 2, "smem"),
 ]
 
 
-@pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: f"{jnp.dtype(c[0]).name}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}")  # fmt: skip
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: f"{jnp.dtype(c[0]).name}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}-{c[12]}")  # fmt: skip
 def test_interpret_matches_reference(case, assert_close):
-    dtype, b, length, e, n, groups, z, D, bias, h0, softplus, chunks = case
+    dtype, b, length, e, n, groups, z, D, bias, h0, softplus, chunks, reduce = case
     args = make_args(
         0, b, length, e, n, groups, dtype, z=z, D=D, bias=bias, h0=h0, softplus=softplus
     )
-    bs = pk.BlockSizes(tile=8, chunks=chunks)
+    bs = pk.BlockSizes(tile=8, chunks=chunks, bwd_reduce=reduce)
+    assert make_plan(b, length, e, n, 1, bs).bwd_reduce == reduce
     check_against_reference(args, softplus, True, assert_close, block_sizes=bs)
+
+
+def test_block_sizes_bwd_reduce():
+    plan = lambda n, **kw: make_plan(1, 64, 128, n, 1, pk.BlockSizes(**kw))
+    assert plan(16).bwd_reduce == "smem"
+    assert plan(16, bwd_reduce="shuffle").bwd_reduce == "shuffle"
+    # A tile's 2 n sums per token must fill whole 128-thread rows for the shuffle path.
+    assert plan(8, tile=8, sub=4, bwd_reduce="shuffle").bwd_reduce == "shuffle"
+    assert plan(8, tile=4, sub=4, bwd_reduce="shuffle").bwd_reduce == "smem"
+    with pytest.raises(ValueError, match="bwd_reduce"):
+        pk.BlockSizes(bwd_reduce="atomic")
 
 
 @pytest.mark.parametrize("length", [1, 30])
@@ -167,6 +181,7 @@ def test_validation_names_argument(bad, match):
 # ----------------------------------------------------------------------------------------------
 # Compiled on a Hopper GPU (run through the device tool): larger, awkward shapes.
 
+SHUFFLE_SUM = pk.BlockSizes(bwd_reduce="shuffle")
 GPU_CASES = [
     # dtype, b, L, e, n, groups, z, D, bias, h0, softplus, block sizes
     (jnp.bfloat16, 2, 1000, 384, 16, 0, True, True, True, False, True, None),
@@ -176,6 +191,7 @@ GPU_CASES = [
     (jnp.float32, 2, 257, 128, 64, 0, True, True, True, True, True, None),
     (jnp.bfloat16, 1, 64, 160, 1, 0, True, True, True, True, True, None),
     (jnp.float32, 1, 70, 128, 256, 0, False, True, True, True, True, None),
+    (jnp.bfloat16, 2, 1000, 384, 16, 0, True, True, True, True, True, SHUFFLE_SUM),
 ]
 
 
