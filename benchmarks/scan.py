@@ -152,6 +152,21 @@ def main():
 
     device = jax.devices()[0].device_kind
     rows = []
+    date = datetime.datetime.now(datetime.UTC)
+    path = pathlib.Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    json_path = path / f"scan_{date:%Y%m%d_%H%M%S}_{device.replace(' ', '_')}.json"
+    header = dict(
+        device=device,
+        jax_version=jax.__version__,
+        date=date.isoformat(timespec="seconds"),
+        commit=git_commit(),
+        cuda_anchors=CUDA_ANCHORS,
+    )
+
+    def save():  # after every row, so a run cut short still leaves its rows
+        json_path.write_text(json.dumps({**header, "rows": rows}, indent=1))
+
     configs = [(s, 16) for s in args.shapes.split(",")]
     if not args.no_n64:
         configs.append((configs[0][0], 64))
@@ -183,6 +198,7 @@ def main():
                 if impl == "associative" and shape == "S4":
                     row["fwd_ms"] = row["fwd_bwd_ms"] = None  # (b, l, e, n) chunks exceed memory
                     rows.append(row)
+                    save()
                     continue
                 first = (shape, n) == configs[0] or n != 16
                 if not args.no_check and impl == "pallas" and first:
@@ -192,6 +208,7 @@ def main():
                 row["fwd_ms"] = time_ms(jax.jit(f), inputs)
                 row["fwd_bwd_ms"] = time_ms(jax.jit(fwd_bwd_fn(f)), inputs)
                 rows.append(row)
+                save()
                 print(json.dumps(row), flush=True)
 
     print(f"\nselective scan, {device}, jax {jax.__version__}, bf16, ms (median)")
@@ -211,20 +228,8 @@ def main():
         print(f"{r['shape']:5} {r['n']:3d} {r['impl']:12} {var:20} {fmt(r['fwd_ms'])} "
               f"{fmt(r['fwd_bwd_ms'])} {ratio(cf, r['fwd_ms'])} {ratio(cb, r['fwd_bwd_ms'])}")  # fmt: skip
 
-    date = datetime.datetime.now(datetime.UTC)
-    out = dict(
-        device=device,
-        jax_version=jax.__version__,
-        date=date.isoformat(timespec="seconds"),
-        commit=git_commit(),
-        cuda_anchors=CUDA_ANCHORS,
-        rows=rows,
-    )
-    path = pathlib.Path(args.out)
-    path.mkdir(parents=True, exist_ok=True)
-    name = f"scan_{date:%Y%m%d_%H%M%S}_{device.replace(' ', '_')}.json"
-    (path / name).write_text(json.dumps(out, indent=1))
-    print(f"wrote {path / name}")
+    save()
+    print(f"wrote {json_path}")
 
 
 if __name__ == "__main__":
