@@ -24,7 +24,7 @@ IH_S6_S=${IH_S6_S:-180}
 IH_LTI_S=${IH_LTI_S:-90}
 SC_S6_S=${SC_S6_S:-270}
 SC_LTI_S=${SC_LTI_S:-120}
-EVAL_S=${EVAL_S:-170}
+EVAL_S=${EVAL_S:-200}
 EVAL_IMPL=${EVAL_IMPL:-pallas}
 # Extra words for every train.py / eval_tasks call (e.g. a CPU dry run at toy sizes).
 read -r -a EXTRA_TRAIN <<<"${EXTRA_TRAIN:-}"

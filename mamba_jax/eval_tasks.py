@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mamba_jax.model import MambaLM
-from mamba_jax.tasks import TASKS, make_task, task_batch
+from mamba_jax.tasks import TASKS, make_task
 
 EVAL_SEED = 1 << 21  # neither a training seed nor seed + VALIDATION_SEED_OFFSET
 DEFAULT_LENGTHS = {
@@ -111,6 +111,22 @@ def fastest_scan_impl(model: MambaLM, batch: int, chunk: int, candidates=None) -
     return min(times, key=times.get)
 
 
+def _tail_batch(task, seed: int, start: int, count: int):
+    """inputs (count, l) int32 and the answers at the scored positions (count, tail), keeping
+    only the tail of targets and mask (at l = 2^20 the full arrays would triple host memory)."""
+    inputs, answers, tail = np.empty((count, task.seq_len), np.int32), [], None
+    for row in range(count):
+        ex = task.example(seed, start + row)
+        scored = int(ex["mask"].sum())
+        tail = scored if tail is None else tail
+        # Both tasks score only the last positions; check it rather than assume it.
+        if scored != tail or not np.all(ex["mask"][-tail:] == 1):
+            raise ValueError(f"{task.name}: the scored positions are not the last {tail}")
+        inputs[row] = ex["inputs"]
+        answers.append(ex["targets"][-tail:])
+    return inputs, np.stack(answers)
+
+
 def evaluate(
     model: MambaLM,
     task,
@@ -146,14 +162,11 @@ def evaluate(
     with tqdm(total=num, desc=f"{task_name} l={length}", disable=not progress, leave=False) as bar:
         for start in range(0, num, batch):
             count = min(batch, num - start)
-            ex = task_batch(task, seed, start, count)
-            tail = int(ex["mask"].sum(axis=1).max())
-            # Both tasks score only the last positions; check it rather than assume it.
-            if not np.all(ex["mask"][:, -tail:] == 1):
-                raise ValueError(f"{task_name}: scored positions are not the last {tail}")
+            inputs, answers = _tail_batch(task, seed, start, count)
+            tail = answers.shape[1]
             chunk = pick_chunk(length, count, chunk_tokens)
-            preds = predictor(ex["inputs"], tail, chunk)
-            correct += int(np.sum(preds == ex["targets"][:, -tail:]))
+            preds = predictor(inputs, tail, chunk)
+            correct += int(np.sum(preds == answers))
             total += preds.size
             bar.update(count)
     return {

@@ -120,7 +120,8 @@ class InductionHeads:
         l = self.seq_len
         rng = _rng(self.name, seed, index)
         inputs, targets, mask = _empty(l)
-        inputs[:] = rng.integers(0, self.trigger, size=l, dtype=np.int32)
+        # uint8 draws are twice as fast as int32 ones, which matters at l = 2^20.
+        inputs[:] = rng.integers(0, self.trigger, size=l, dtype=np.uint8)
         # First trigger in the first half, so the recall distance grows with the length.
         first = int(rng.integers(0, l // 2))
         inputs[first] = self.trigger

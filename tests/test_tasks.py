@@ -151,6 +151,24 @@ def test_fastest_scan_impl_picks_one_that_runs_and_agrees():
     assert impl in ("reference", "associative")
 
 
+def test_evaluate_bounds_the_host_batch_without_changing_the_result():
+    from mamba_jax.eval_tasks import _tail_batch
+
+    task = SelectiveCopying(seq_len=40, vocab_size=16, n_data=4)
+    inputs, answers = _tail_batch(task, 7, 3, 5)
+    full = task_batch(task, 7, 3, 5)
+    np.testing.assert_array_equal(inputs, full["inputs"])
+    np.testing.assert_array_equal(answers, full["targets"][:, -4:])
+    model = MambaLM(MambaConfig(d_model=8, n_layer=1, vocab_size=16, scan_impl="reference"),
+                    rngs=nnx.Rngs(0))  # fmt: skip
+    whole = evaluate(model, task, num=24, batch=24, progress=False)
+    # 40 tokens per sequence and a 100-token bound: batches of 2 sequences, chunks of 16 tokens
+    bounded = evaluate(model, task, num=24, batch=24, batch_tokens=100, chunk_tokens=32,
+                       progress=False)  # fmt: skip
+    assert whole["scored_tokens"] == bounded["scored_tokens"] == 24 * 4
+    assert whole["accuracy"] == bounded["accuracy"]
+
+
 def test_pick_chunk_bounds_memory():
     assert pick_chunk(2**20, 1000, 2**21) == 2048
     assert pick_chunk(64, 1000, 2**21) == 64
