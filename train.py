@@ -15,7 +15,9 @@
     python train.py --config configs/mamba_2.8b.yaml distributed.mode=on
 
 Run it again with the same checkpoint.dir and it resumes from the latest complete checkpoint
-(parameters, optimizer, step, RNG and data position). SIGTERM saves a checkpoint, then exits.
+(parameters, optimizer, step, RNG and data position); a run that already reached train.steps
+only prints its sample again. SIGTERM, train.stop_at=N and train.time_limit_s=S each save a
+checkpoint, then exit.
 """
 
 from __future__ import annotations
