@@ -48,13 +48,14 @@ run() {
   rc_train=$?
   t1=$(date +%s)
   cp "$ckpt/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
-  # The Pallas kernel keeps 2^20-token sequences cheap; fall back to the associative scan with
-  # smaller chunks if it cannot run.
+  # The Pallas kernel keeps 2^20-token sequences cheap. If it cannot run at all (no result
+  # file), fall back to the associative scan with smaller chunks; a run cut short by the
+  # timeout keeps the lengths it finished.
   timeout "$EVAL_S" "$PY" -m mamba_jax.eval_tasks --task "$task" --checkpoint "$ckpt" \
     --num 1000 --scan-impl "$EVAL_IMPL" --out "$OUT/$name.json" "${EXTRA_EVAL[@]}" \
     >"$OUT/$name.eval.log" 2>&1
   rc_eval=$?
-  if [ $rc_eval -ne 0 ] && [ $(($(date +%s) - START)) -lt 420 ]; then
+  if [ $rc_eval -ne 0 ] && [ ! -s "$OUT/$name.json" ] && [ $(($(date +%s) - START)) -lt 420 ]; then
     timeout 90 "$PY" -m mamba_jax.eval_tasks --task "$task" --checkpoint "$ckpt" \
       --num 1000 --scan-impl associative --chunk-tokens $((1 << 17)) --out "$OUT/$name.json" \
       "${EXTRA_EVAL[@]}" \
