@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -305,9 +304,9 @@ def main(argv=None):
     platform = jax.devices()[0].platform
     args.attention = args.attention or ("cudnn" if platform == "gpu" else "xla")
     now = datetime.datetime.now(datetime.UTC)
-    commit = args.commit or subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True
-    ).stdout.strip() or "unknown"  # fmt: skip
+    from mamba_jax.bench_results import git_commit
+
+    commit = args.commit or git_commit(os.path.dirname(os.path.abspath(__file__))) or "unknown"
     args.out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"decode_{now:%Y-%m-%d}.json"
     )

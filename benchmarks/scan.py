@@ -17,7 +17,6 @@ import datetime
 import functools
 import json
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -109,11 +108,9 @@ def check(impl, block_sizes, b, e, n, length=1024):
 
 
 def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
+    from mamba_jax.bench_results import git_commit as commit
+
+    return commit(str(pathlib.Path(__file__).resolve().parent))
 
 
 def parse_variants(text, reduces):

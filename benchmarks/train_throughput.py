@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -154,11 +153,9 @@ def main():
 
 
 def write_json(path, device, mesh, rows):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()  # fmt: skip
-    except OSError:
-        commit = None
+    from mamba_jax.bench_results import git_commit
+
+    commit = git_commit(os.path.dirname(os.path.abspath(__file__)))
     result = {
         "benchmark": "train_throughput", "device": device.device_kind, "num_devices": mesh.size,
         "jax": jax.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),

@@ -24,6 +24,25 @@ import math
 import pathlib
 
 KINDS = ("scan", "train_throughput", "decode")
+
+
+def git_commit(cwd: str | None = None) -> str | None:
+    """The commit a benchmark ran at: $MAMBA_JAX_COMMIT if set (for copies without .git), else
+    `git rev-parse --verify HEAD` in `cwd`; None when neither gives one."""
+    import os
+    import subprocess
+
+    if os.environ.get("MAMBA_JAX_COMMIT"):
+        return os.environ["MAMBA_JAX_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=cwd,
+                             capture_output=True, text=True)  # fmt: skip
+    except OSError:
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
 ANCHOR_DEVICE = "NVIDIA H100 80GB HBM3"
 ANCHOR_DATE = "2026-11-22"
 

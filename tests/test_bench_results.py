@@ -1,6 +1,7 @@
 """bench_results: loading benchmark JSON in its several spellings, tables, and labelled plots."""
 
 import json
+import os
 
 import matplotlib
 import pytest
@@ -217,3 +218,21 @@ def test_missing_kinds_and_recorded_errors(results_dir, tmp_path_factory):
     assert br.ANCHOR_DEVICE in ax.get_title()
     ax = br.plot_decode(br.decode_table(empty), "decode")
     assert "no results" in ax.get_title()
+
+
+def test_git_commit_from_env_repo_or_none(tmp_path, monkeypatch):
+    import subprocess
+
+    from mamba_jax.bench_results import git_commit
+
+    monkeypatch.delenv("MAMBA_JAX_COMMIT", raising=False)
+    # A folder outside any repository, and a repository without commits, both give None (plain
+    # `git rev-parse HEAD` prints "HEAD" for the latter).
+    assert git_commit(str(tmp_path)) is None
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert git_commit(str(tmp_path)) is None
+    monkeypatch.setenv("MAMBA_JAX_COMMIT", "abc1234")
+    assert git_commit(str(tmp_path)) == "abc1234"
+    monkeypatch.delenv("MAMBA_JAX_COMMIT")
+    here = git_commit(os.path.dirname(os.path.abspath(__file__)))
+    assert here is None or len(here) == 40
