@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -34,84 +33,22 @@ import numpy as np
 from flax import nnx
 
 from mamba_jax import sharding as shd
-from mamba_jax import trainer
-from mamba_jax.checkpoint import Checkpointer, PreemptionFlag
-from mamba_jax.config import Config, load_config
+from mamba_jax.model import count_params
+from mamba_jax.sampling import generate
+from mamba_jax.training import trainer
+from mamba_jax.training.checkpoint import Checkpointer, PreemptionFlag
+from mamba_jax.training.data import build_data, check_batch
+from mamba_jax.training.distributed import init_distributed
+from mamba_jax.training.metrics import MetricsWriter, mfu
+from mamba_jax.training.run_config import Config, load_config
 
 
-def parse_args(argv):
+def parse_args(argv) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="YAML preset, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     return load_config(args.config, args.overrides)
-
-
-def distributed_wanted(dist, environ=os.environ) -> bool:
-    """Whether to call jax.distributed.initialize: always with mode on, never with off; with auto
-    when a coordinator is given (flag or JAX_COORDINATOR_ADDRESS), when SLURM runs several tasks,
-    or when a Cloud TPU slice lists several workers (TPU_WORKER_HOSTNAMES)."""
-    if dist.mode != "auto":
-        return dist.mode == "on"
-    hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    return bool(
-        dist.coordinator_address is not None
-        or environ.get("JAX_COORDINATOR_ADDRESS")
-        or int(environ.get("SLURM_NTASKS", "1") or 1) > 1
-        or len(hosts) > 1
-    )
-
-
-def init_distributed(config: Config):
-    """jax.distributed.initialize from the config, or from the environment (SLURM, Cloud TPU):
-    arguments left unset are auto-detected by JAX."""
-    dist = config.distributed
-    if not distributed_wanted(dist):
-        return
-    # CPU processes need a collectives backend to talk to each other; GPU/TPU ignore this.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
-    if dist.coordinator_address is not None:
-        kwargs["coordinator_address"] = dist.coordinator_address
-    if dist.num_processes is not None:
-        kwargs["num_processes"] = dist.num_processes
-    if dist.process_id is not None:
-        kwargs["process_id"] = dist.process_id
-    if dist.local_device_ids is not None:
-        kwargs["local_device_ids"] = [int(i) for i in dist.local_device_ids.split(",")]
-    jax.distributed.initialize(**kwargs)
-
-
-def make_data(config: Config, pid: int, nproc: int):
-    """(training iterator, validation batches, tokenizer or None, bytes per token or None)."""
-    tc, dc = config.train, config.data
-    if dc.task is not None:
-        from mamba_jax.tasks import task_eval_batches, task_train_dataset
-
-        vocab = config.model.vocab_size
-        train = task_train_dataset(dc.task, tc.seq_len, vocab, tc.batch_size, dc.seed, pid, nproc)
-        val = task_eval_batches(dc.task, tc.seq_len, vocab, tc.batch_size, tc.eval_batches,
-                                dc.seed, pid, nproc)  # fmt: skip
-        log(f"data: synthetic task {dc.task}, length {tc.seq_len}")
-        return iter(train), val, None, None
-    from mamba_jax.data import eval_batches, load_corpus, train_dataset
-
-    corpus = load_corpus(dc, config.model.vocab_size)
-    train = train_dataset(corpus.train_tokens, tc.seq_len, tc.batch_size, dc.seed, pid, nproc)
-    val = eval_batches(corpus.val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches, pid, nproc)
-    log(f"data: {len(corpus.train_tokens):,} training / {len(corpus.val_tokens):,} validation "
-        f"tokens, vocab {corpus.tokenizer.vocab_size}")  # fmt: skip
-    return iter(train), val, corpus.tokenizer, corpus.bytes_per_token
-
-
-def check_batch(config: Config, mesh):
-    train, shards = config.train, shd.batch_divisor(mesh)
-    micro = train.batch_size // train.grad_accum
-    if micro % shards:
-        raise ValueError(
-            f"train.batch_size / train.grad_accum = {micro} must be a multiple of the data x fsdp "
-            f"mesh size {shards} (mesh {dict(mesh.shape)})"
-        )
 
 
 def log(msg):
@@ -123,23 +60,7 @@ def format_metrics(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if v is not None)
 
 
-def evaluate(eval_step, params, batches, mesh, bytes_per_token, with_accuracy):
-    total = count = correct = 0.0
-    for batch in batches:
-        t, c, k = jax.device_get(eval_step(params, trainer.global_batch(batch, mesh)))
-        total, count, correct = total + float(t), count + float(c), correct + float(k)
-    loss = total / max(count, 1.0)
-    out = {"eval_loss": loss}
-    if bytes_per_token:  # nats per token -> bits per byte
-        out["eval_bpb"] = loss / math.log(2) / bytes_per_token
-    if with_accuracy:
-        out["eval_accuracy"] = correct / max(count, 1.0)
-    return out
-
-
-def sample(graphdef, params, tokenizer, config: Config, rng_data):
-    from mamba_jax.generate import generate
-
+def sample(graphdef, params, tokenizer, config: Config, rng_data) -> str:
     model = nnx.merge(graphdef, params)
     prompt = tokenizer.encode(config.train.sample_prompt) or [tokenizer.eos_id]
     rng = jax.random.wrap_key_data(np.asarray(rng_data))
@@ -158,7 +79,7 @@ def main(argv=None) -> dict:
         f"mesh: {dict(mesh.shape)}")  # fmt: skip
 
     # Data: every process reads its own slice of each global batch.
-    data_iter, val, tokenizer, bytes_per_token = make_data(config, pid, nproc)
+    data_iter, val, tokenizer, bytes_per_token = build_data(config, pid, nproc, log)
 
     # Model and optimizer state, built sharded, or restored from the latest complete checkpoint.
     tx = trainer.make_optimizer(tc)
@@ -170,18 +91,18 @@ def main(argv=None) -> dict:
             f"{latest}) and checkpoint.resume=false: pick a new checkpoint.dir or delete it"
         )
     if latest is not None:
-        graphdef, abstract, shardings = trainer.state_shardings(config.model, tx, mesh)
+        graphdef, abstract, shardings = trainer.train_state_shardings(config.model, tx, mesh)
         state = ckpt.restore(latest, abstract, shardings, data_iter)
         log(f"resumed from {config.checkpoint.dir} step {latest}")
     else:
         graphdef, state, shardings = trainer.init_state(config.model, tx, mesh, tc.seed)
-    n_params = trainer.count_params(state["params"])
+    n_params = count_params(state["params"])
     log(f"model: {n_params:,} parameters; {config.model}")
     train_step = trainer.make_train_step(graphdef, tx, tc, shardings, mesh)
     eval_step = trainer.make_eval_step(graphdef, shardings, mesh)
 
     start = int(state["step"])
-    writer = trainer.MetricsWriter(config.checkpoint.dir, tc.tensorboard, start_step=start)
+    writer = MetricsWriter(config.checkpoint.dir, tc.tensorboard, start_step=start)
     preempt = PreemptionFlag().install()
     if start >= tc.steps:
         log(f"the checkpoint is at step {start} >= train.steps={tc.steps}: nothing to train "
@@ -210,20 +131,14 @@ def main(argv=None) -> dict:
             now = time.perf_counter()
             tokens = (done - last_logged) * tc.batch_size * tc.seq_len
             metrics["tokens_per_sec"] = tokens / max(now - last_time, 1e-9)
-            metrics["mfu"] = trainer.mfu(n_params, metrics["tokens_per_sec"], jax.device_count())
+            metrics["mfu"] = mfu(n_params, metrics["tokens_per_sec"], jax.device_count())
             last_time, last_logged = now, done
             # No eval when stopping early: a preempted job has seconds left, not minutes.
             if done % tc.eval_every == 0 or (final and stopped is None):
-                metrics.update(
-                    evaluate(
-                        eval_step,
-                        state["params"],
-                        val,
-                        mesh,
-                        bytes_per_token,
-                        with_accuracy=config.data.task is not None,
-                    )  # fmt: skip
-                )
+                with_accuracy = config.data.task is not None
+                metrics.update(trainer.eval_loss(
+                    eval_step, state["params"], val, mesh, bytes_per_token, with_accuracy
+                ))
                 last_time = time.perf_counter()  # keep eval out of the throughput
             writer.write(done, metrics)
             if progress is not None:
@@ -267,4 +182,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:  # bad configuration or data: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

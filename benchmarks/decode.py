@@ -164,10 +164,10 @@ def run_one(name, runner, batch, args, row):
 
 def scan_impl_used(runner, batch, length):
     try:
-        from mamba_jax.scan import _resolve_impl
+        from mamba_jax.scan import resolve_impl
 
         c = runner.model.config
-        return _resolve_impl(c.scan_impl, batch, length, c.d_inner, c.d_state, 1, jnp.bfloat16)
+        return resolve_impl(c.scan_impl, batch, length, c.d_inner, c.d_state, 1, jnp.bfloat16)
     except Exception as err:  # reporting only
         return f"unknown ({type(err).__name__})"
 

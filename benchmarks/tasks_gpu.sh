@@ -7,7 +7,7 @@
 #
 # The five runs share the GPU concurrently (each takes 17% of its memory); each trains with
 # train.py under a wall-clock budget (train.time_limit_s, with a checkpoint when it runs out),
-# then evaluates 1000 fresh sequences per length with `python -m mamba_jax.eval_tasks`. Every part
+# then evaluates 1000 fresh sequences per length with `python -m mamba_jax.training.eval_tasks`. Every part
 # runs under `timeout`, so one failure keeps the others' results. Written under $OUT:
 #   <run>.json          eval_tasks result: accuracy per length, train steps, train wall time
 #   <run>.train.log / <run>.eval.log / <run>.metrics.jsonl
@@ -54,12 +54,12 @@ run() {
   # The Pallas kernel keeps 2^20-token sequences cheap. If it cannot run at all (no result
   # file), fall back to the associative scan with smaller chunks; a run cut short by the
   # timeout keeps the lengths it finished.
-  timeout "$EVAL_S" "$PY" -m mamba_jax.eval_tasks --task "$task" --checkpoint "$ckpt" \
+  timeout "$EVAL_S" "$PY" -m mamba_jax.training.eval_tasks --task "$task" --checkpoint "$ckpt" \
     --num 1000 --scan-impl "$EVAL_IMPL" --out "$OUT/$name.json" "${EXTRA_EVAL[@]}" \
     >"$OUT/$name.eval.log" 2>&1
   rc_eval=$?
   if [ $rc_eval -ne 0 ] && [ ! -s "$OUT/$name.json" ] && [ $(($(date +%s) - START)) -lt 420 ]; then
-    timeout 90 "$PY" -m mamba_jax.eval_tasks --task "$task" --checkpoint "$ckpt" \
+    timeout 90 "$PY" -m mamba_jax.training.eval_tasks --task "$task" --checkpoint "$ckpt" \
       --num 1000 --scan-impl associative --chunk-tokens $((1 << 17)) --out "$OUT/$name.json" \
       "${EXTRA_EVAL[@]}" \
       >>"$OUT/$name.eval.log" 2>&1

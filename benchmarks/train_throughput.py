@@ -27,16 +27,16 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mamba_jax import sharding as shd  # noqa: E402
-from mamba_jax import trainer  # noqa: E402
 from mamba_jax.config import PRESETS, MambaConfig, MeshConfig, TrainConfig  # noqa: E402
+from mamba_jax.training import trainer  # noqa: E402
 
 
 def resolved_impl(model_config, batch, length):
     try:
-        from mamba_jax.scan import _resolve_impl
+        from mamba_jax.scan import resolve_impl
 
         c = model_config
-        return _resolve_impl(c.scan_impl, batch, length, c.d_inner, c.d_state, 1, jnp.bfloat16)
+        return resolve_impl(c.scan_impl, batch, length, c.d_inner, c.d_state, 1, jnp.bfloat16)
     except Exception as err:  # noqa: BLE001 - only a label for the table
         return f"{model_config.scan_impl} ({type(err).__name__})"
 

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from mamba_jax.config import MambaConfig
-from mamba_jax.model import MambaLM
+from mamba_jax.model import MambaLM, abstract_model
 from mamba_jax.torch_bin import read_torch_bin
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -70,7 +70,7 @@ def _rank(value):
     return None if value in (None, "auto") else int(value)
 
 
-def config_from_dict(raw: dict, source: str = "config.json") -> tuple[MambaConfig, str]:
+def config_from_hf_dict(raw: dict, source: str = "config.json") -> tuple[MambaConfig, str]:
     """HF (hidden_size/num_hidden_layers/state_size) or mamba_ssm (d_model/n_layer/ssm_cfg) config.
 
     Returns (config, "hf" | "original"). Refuses what the model cannot express."""
@@ -221,7 +221,8 @@ class _Reader:
         return arr[index] if index else arr
 
 
-def _dtype_name(dtype) -> str:
+def dtype_name(dtype) -> str:
+    """"float32", "bfloat16" or "float16" from any spelling jnp.dtype takes; else ValueError."""
     try:
         name = jnp.dtype(dtype).name
     except TypeError:
@@ -341,7 +342,7 @@ class _Plan:
                 )
 
 
-def read_config(path: str) -> tuple[MambaConfig, str]:
+def read_hf_config(path: str) -> tuple[MambaConfig, str]:
     """`path/config.json` -> (MambaConfig, "hf" | "original")."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
@@ -351,7 +352,7 @@ def read_config(path: str) -> tuple[MambaConfig, str]:
             raw = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{file} is not valid JSON: {err}") from None
-    return config_from_dict(raw, file)
+    return config_from_hf_dict(raw, file)
 
 
 def is_pretrained_dir(path: str) -> bool:
@@ -373,7 +374,7 @@ def load_pretrained(path, dtype=None, mesh=None) -> MambaLM:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"path must be a checkpoint directory, got {path!r}")
-    config, _ = read_config(path)
+    config, _ = read_hf_config(path)
     reader = _Reader(path)
     emb = reader.meta.get("backbone.embeddings.weight") or reader.meta.get(
         "backbone.embedding.weight"
@@ -382,11 +383,10 @@ def load_pretrained(path, dtype=None, mesh=None) -> MambaLM:
         stored = str(emb[1]) if emb is not None else "float32"
         name = stored if stored in _DTYPES else "float32"
     else:
-        name = _dtype_name(dtype)
+        name = dtype_name(dtype)
     config = config.replace(dtype=name, param_dtype=name)
 
-    abstract = nnx.eval_shape(lambda: MambaLM(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_state = nnx.split(abstract_model(config))
     flat = list(nnx.to_flat_state(abstract_state))
     plan = _Plan(config, reader, [(p, tuple(v.shape)) for p, v in flat], reader.source)
 
@@ -401,20 +401,6 @@ def load_pretrained(path, dtype=None, mesh=None) -> MambaLM:
                 shape, sharding, lambda index, read=read, dt=dtype_: read(index).astype(dt)
             )
         leaves.append((p, var.replace(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
-
-
-def cast_model(model: MambaLM, dtype) -> MambaLM:
-    """A copy of `model` whose parameters and activations are `dtype`, by load_pretrained's rules
-    (A_log, D and the dt bias stay float32); each array keeps its sharding."""
-    name = _dtype_name(dtype)
-    config = model.config.replace(dtype=name, param_dtype=name)
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: MambaLM(config, rngs=nnx.Rngs(0))))
-    values = dict(nnx.to_flat_state(nnx.state(model)))
-    leaves = [
-        (p, var.replace(values[p].get_value().astype(var.dtype)))
-        for p, var in nnx.to_flat_state(abstract_state)
-    ]
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 

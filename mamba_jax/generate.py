@@ -1,114 +1,152 @@
-"""Sampling from a MambaLM: one compiled program holds the prefill and the whole decode loop.
+"""`python -m mamba_jax.generate`: sample from a converted or a trained model.
 
-Decoding is the recurrent mode of the SSM (paper section 3.4): each new token costs O(1) time and
-memory, because the state (b, e, n) and the conv window (b, w - 1, e) summarise the whole prefix.
+    python -m mamba_jax.generate --model PATH --prompt TEXT --max-new-tokens N \\
+        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype D] [--tokenizer FILE]
+
+PATH is an HF / mamba_ssm checkpoint directory (config.json + weights, see `convert.py`), a
+training checkpoint directory written by train.py (its latest step), or one step folder of it.
+The tokenizer is `--tokenizer`, else PATH's `tokenizer.json` (through `tokenizers`), else the
+training run's `data.tokenizer`, else bytes. The continuation goes to stdout, cut at the first
+end-of-text token; the token count and tokens/s go to stderr.
 """
 
 from __future__ import annotations
 
-import functools
+import argparse
+import os
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+
+from mamba_jax.convert import is_pretrained_dir
+from mamba_jax.loading import load_model, read_run_config_dict, split_run_path
+from mamba_jax.sampling import generate
+from mamba_jax.tokenizer import find_tokenizer, load_tokenizer
 
 
-def sample_logits(logits, rng, *, temperature, top_k=None, top_p=None, vocab_size=None):
-    """logits: (b, v) float32 -> token ids (b,) int32.
-
-    temperature 0 means greedy. Padded vocab entries (>= vocab_size) are never sampled.
-    """
-    if vocab_size is not None and vocab_size < logits.shape[-1]:
-        valid = jnp.arange(logits.shape[-1]) < vocab_size
-        logits = jnp.where(valid, logits, -jnp.inf)
-    if isinstance(temperature, (int, float)) and temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (b, 1)
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p; the top token is always kept.
-        keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-        keep = (
-            jnp.zeros_like(keep_sorted)
-            .at[jnp.arange(logits.shape[0])[:, None], order]
-            .set(keep_sorted)
-        )
-        logits = jnp.where(keep, logits, -jnp.inf)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mamba_jax.generate", description="Continue a prompt with a Mamba model."
+    )
+    p.add_argument("--model", required=True, help="HF/mamba_ssm or training checkpoint directory")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: stored)")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json overriding the default")
+    p.add_argument("--ignore-eos", action="store_true", help="print past end-of-text tokens")
+    return p
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "nucleus", "vocab_size"),
-)
-def _generate_jit(graphdef, state, input_ids, rng, temperature, top_p, *, max_new_tokens, greedy,
-                  top_k, nucleus, vocab_size):  # fmt: skip
-    model = nnx.merge(graphdef, state)
-    bsz = input_ids.shape[0]
-    temp = 0 if greedy else temperature
-
-    def sample(logits, key):
-        return sample_logits(
-            logits, key, temperature=temp, top_k=top_k, top_p=top_p if nucleus else None,
-            vocab_size=vocab_size,
-        )  # fmt: skip
-
-    logits, cache = model(input_ids, cache=model.init_cache(bsz), last_only=True)  # (b, 1, v)
-    rng, key = jax.random.split(rng)
-    first = sample(logits[:, -1], key)  # (b,)
-
-    def body(carry, key):
-        token, cache = carry
-        # Rebuild the module inside the loop body: nnx objects must belong to the current trace.
-        logits, cache = nnx.merge(graphdef, jax.tree.map(lambda x: x, state)).step(token, cache)
-        nxt = sample(logits, key)
-        return (nxt, cache), nxt
-
-    keys = jax.random.split(rng, max_new_tokens - 1)
-    _, rest = jax.lax.scan(body, (first, cache), keys)  # (max_new_tokens - 1, b)
-    new = jnp.concatenate([first[:, None], rest.T], axis=1)  # (b, max_new_tokens)
-    return jnp.concatenate([input_ids.astype(jnp.int32), new], axis=1)
-
-
-def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, rng=None):
-    """Continues `input_ids` (b, l) by `max_new_tokens` tokens; returns (b, l + max_new_tokens) int32.
-
-    temperature 0.0 is greedy; otherwise samples, optionally restricted to the top_k tokens and/or
-    the smallest set of tokens with probability mass top_p. `rng` is a jax key (default key(0)).
-    """
-    input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim == 1:
-        raise ValueError(f"input_ids must have shape (b, l), got {tuple(input_ids.shape)}")
-    if input_ids.ndim != 2 or input_ids.shape[1] < 1:
+def find_model_tokenizer(path: str) -> str | None:
+    """The tokenizer.json that goes with a model directory: the directory's own, else (for a
+    training run) the run's `data.tokenizer`; None means bytes."""
+    found = find_tokenizer(path)
+    run = split_run_path(path) if found is None and not is_pretrained_dir(path) else None
+    if run is None:
+        return found
+    tree, _ = read_run_config_dict(*run)
+    tokenizer = (tree.get("data") or {}).get("tokenizer")
+    if tokenizer is not None and not os.path.exists(tokenizer):
         raise ValueError(
-            f"input_ids must have shape (b, l) with l >= 1, got {tuple(input_ids.shape)}"
+            f"the training run in {run[0]!r} used data.tokenizer={tokenizer!r}, which does not "
+            "exist here; pass --tokenizer"
         )
-    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k <= model.config.padded_vocab_size:
-        raise ValueError(f"top_k must be in [1, {model.config.padded_vocab_size}], got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    rng = jax.random.key(0) if rng is None else rng
-    graphdef, state = nnx.split(model)
-    return _generate_jit(
-        graphdef, state, input_ids, rng, jnp.float32(max(temperature, 1e-6)),
-        jnp.float32(1.0 if top_p is None else top_p),
-        max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=top_k,
-        nucleus=top_p is not None and top_p < 1.0, vocab_size=model.config.vocab_size,
-    )  # fmt: skip
+    return tokenizer
+
+
+class _CompileTimer:
+    """Time spent tracing, lowering and compiling while active, as the union of JAX's compile
+    time spans (spans nest: an inner jit is traced inside the outer trace)."""
+
+    def __enter__(self):
+        self.spans = []
+        jax.monitoring.register_event_time_span_listener(self._on_span)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_time_span_listener(self._on_span)
+
+    def _on_span(self, event, start, end, **_):
+        if event.startswith("/jax/core/compile/"):
+            self.spans.append((start, end))
+
+    @property
+    def seconds(self) -> float:
+        total, reach = 0.0, float("-inf")
+        for start, end in sorted(self.spans):
+            total += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        return total
+
+
+def generate_main(argv=None) -> str:
+    """Parses `argv`, prints the continuation and a timing line; returns the continuation.
+
+    Bad arguments raise ValueError naming the flag; `main` turns that into an exit message."""
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    t0 = time.perf_counter()
+    if not os.path.isdir(args.model):
+        raise ValueError(f"--model must be a directory, got {args.model!r}")
+    model = load_model(args.model, args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer or find_model_tokenizer(args.model))
+    load_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    if tokenizer.vocab_size > vocab:
+        print(
+            f"warning: the tokenizer has {tokenizer.vocab_size} tokens, the model {vocab}",
+            file=sys.stderr,
+        )
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt encodes to no tokens")
+    if max(ids) >= vocab:
+        raise ValueError(
+            f"--prompt has token id {max(ids)} >= the model's vocab_size {vocab}: wrong "
+            "tokenizer? (without tokenizer.json in the model directory it is bytes; see "
+            "--tokenizer)"
+        )
+
+    t0 = time.perf_counter()
+    with _CompileTimer() as timer:
+        out = generate(
+            model, jnp.asarray([ids], jnp.int32), args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            rng=jax.random.key(args.seed),
+        )  # fmt: skip
+        new = jax.device_get(out)[0, len(ids) :].tolist()
+    total_s = time.perf_counter() - t0
+    compile_s = min(timer.seconds, total_s)
+    run_s = max(total_s - compile_s, 1e-9)
+    shown = new
+    if not args.ignore_eos and tokenizer.eos_id in new:
+        shown = new[: new.index(tokenizer.eos_id)]
+    text = tokenizer.decode(shown)
+    print(text)
+    stop = f", shown up to end-of-text ({len(shown)})" if len(shown) < len(new) else ""
+    print(
+        f"[{len(new)} new tokens after a {len(ids)}-token prompt{stop}: "
+        f"{len(new) / run_s:,.1f} tokens/s ({run_s:.3f} s prefill + decode, {compile_s:.2f} s "
+        f"compile, {load_s:.2f} s load) on {jax.devices()[0].platform}]",
+        file=sys.stderr,
+    )
+    return text
+
+
+def main(argv=None) -> None:
+    """The command: like `generate_main`, with a bad argument or checkpoint a one-line error."""
+    try:
+        generate_main(argv)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":
-    from mamba_jax.cli import main
-
     main()

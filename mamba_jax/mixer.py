@@ -92,18 +92,35 @@ class MambaMixer(nnx.Module):
         delta = dt @ self.dt_proj.kernel[...].astype(x.dtype)  # (..., e)
         return delta, B, C
 
+    def scan_inputs(self, hidden, conv_state=None, *, step=False):
+        """The selective scan's inputs from the normalised block input (paper Algorithm 2, 1-5).
+
+        hidden: (b, l, d), or (b, d) one token with step=True; conv_state: the last w - 1 conv
+        inputs (b, w - 1, e) or None (zeros). Returns (u, delta, B, C, z, conv_state): u, delta,
+        z (..., e) with u after the causal conv and silu, delta before its bias and softplus,
+        B, C (..., n), and the updated conv state."""
+        xz = self.in_proj(hidden)  # (..., 2e)
+        x, z = jnp.split(xz, 2, axis=-1)  # (..., e) each
+        if step:
+            x, conv_state = self.conv1d.step(x, conv_state)
+        else:
+            x, conv_state = self.conv1d(x, conv_state)
+        u = jax.nn.silu(x)
+        delta, B, C = self._ssm_inputs(u)
+        return u, delta, B, C, z, conv_state
+
+    def A(self):
+        """A = -exp(A_log): (e, n) float32, negative (S4D-Real)."""
+        return -jnp.exp(self.A_log[...].astype(jnp.float32))
+
     def __call__(self, hidden, cache=None):
         """hidden: (b, l, d). cache: None or (conv (b, w - 1, e), ssm (b, e, n)).
 
         Returns out (b, l, d), and the updated cache when one was given."""
         c = self.config
-        xz = self.in_proj(hidden)  # (b, l, 2e)
-        x, z = jnp.split(xz, 2, axis=-1)  # (b, l, e) each
         conv_state, ssm_state = cache if cache is not None else (None, None)
-        x, conv_state = self.conv1d(x, conv_state)
-        x = jax.nn.silu(x)
-        delta, B, C = self._ssm_inputs(x)
-        A = -jnp.exp(self.A_log[...].astype(jnp.float32))  # (e, n)
+        x, delta, B, C, z, conv_state = self.scan_inputs(hidden, conv_state)
+        A = self.A()  # (e, n)
         y, ssm_state = selective_scan(
             x, delta, A, B, C, self.D[...], z, self.dt_proj.bias[...],
             delta_softplus=True, initial_state=ssm_state, return_final_state=True,
@@ -117,14 +134,9 @@ class MambaMixer(nnx.Module):
     def step(self, hidden, cache):
         """hidden: (b, d) one token; cache: (conv (b, w - 1, e), ssm (b, e, n)). Returns (out (b, d), cache)."""
         conv_state, ssm_state = cache
-        xz = self.in_proj(hidden)  # (b, 2e)
-        x, z = jnp.split(xz, 2, axis=-1)
-        x, conv_state = self.conv1d.step(x, conv_state)
-        x = jax.nn.silu(x)
-        delta, B, C = self._ssm_inputs(x)
-        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        x, delta, B, C, z, conv_state = self.scan_inputs(hidden, conv_state, step=True)
         y, ssm_state = selective_scan_step(
-            x, delta, A, B, C, self.D[...], z, self.dt_proj.bias[...],
+            x, delta, self.A(), B, C, self.D[...], z, self.dt_proj.bias[...],
             state=ssm_state, delta_softplus=True,
         )  # fmt: skip
         return self.out_proj(y), (conv_state, ssm_state)

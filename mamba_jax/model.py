@@ -127,6 +127,32 @@ class MambaLM(nnx.Module):
         return MambaCache(conv, ssm)
 
 
-def count_params(model_or_state) -> int:
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
-    return sum(int(x.size) for x in jax.tree.leaves(state))
+def abstract_model(config: MambaConfig) -> MambaLM:
+    """A MambaLM whose parameters are ShapeDtypeStructs (with their logical axis metadata):
+    the structure to restore or load into, allocating nothing."""
+    return nnx.eval_shape(lambda: MambaLM(config, rngs=nnx.Rngs(0)))
+
+
+def with_config(model: MambaLM, **changes) -> MambaLM:
+    """The same parameters in a MambaLM built from `model.config.replace(**changes)`.
+
+    Each parameter is cast to the dtype the new config gives it (with param_dtype="bfloat16",
+    A_log, D and the dt bias stay float32) and keeps its sharding. For example
+    `with_config(model, scan_impl="reference")` or
+    `with_config(model, dtype="bfloat16", param_dtype="bfloat16")`."""
+    config = model.config.replace(**changes)
+    graphdef, abstract = nnx.split(abstract_model(config))
+    values = dict(nnx.to_flat_state(nnx.state(model)))
+    leaves = []
+    for path, var in nnx.to_flat_state(abstract):
+        if path not in values:
+            raise ValueError(f"with_config({changes}) changes the parameters: no {path} in model")
+        leaves.append((path, var.replace(values[path].get_value().astype(var.dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def count_params(tree) -> int:
+    """Number of parameters of a MambaLM, an nnx.State or a pytree of arrays."""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, nnx.Param)
+    return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -92,7 +92,8 @@ def _as_groups(B):
     return B[:, :, None, :] if B.ndim == 3 else B  # (b, l, g, n)
 
 
-def _discretize_delta(delta, delta_bias, delta_softplus):
+def _step_size(delta, delta_bias, delta_softplus):
+    """Δ' = softplus(delta + delta_bias) (or without the softplus), fp32 (b, l, e)."""
     dt = delta.astype(jnp.float32)
     if delta_bias is not None:
         dt = dt + delta_bias.astype(jnp.float32)
@@ -115,21 +116,25 @@ def _output(y, u, D, z, out_dtype):
 # The sequential reference.
 
 
+def _recurrence_step(h, u, dt, A, B, C):
+    """One step of the recurrence, shared by the reference scan and decoding.
+
+    h: (b, e, n) f32; u, dt: (b, e) f32; A: (e, n) f32; B, C: (b, g, n) f32.
+    Returns (h_t (b, e, n), y_t (b, e) without the D skip and the gate)."""
+    p = u.shape[1] // B.shape[1]
+    Bx = jnp.repeat(B, p, axis=1)  # (b, e, n)
+    Cx = jnp.repeat(C, p, axis=1)  # (b, e, n)
+    h = jnp.exp(dt[..., None] * A) * h + (dt * u)[..., None] * Bx
+    return h, jnp.sum(h * Cx, axis=-1)
+
+
 def _ssm_reference(u, dt, A, B, C, h0):
     """u, dt: (b, l, e) f32; A: (e, n); B, C: (b, l, g, n); h0: (b, e, n). Returns y (b, l, e), h_L."""
-    bsz, length, e = u.shape
-    g = B.shape[2]
-    p = e // g
 
     def step(h, xs):
-        u_t, dt_t, B_t, C_t = xs  # (b, e), (b, e), (b, g, n), (b, g, n)
-        Bx = jnp.repeat(B_t, p, axis=1)  # (b, e, n)
-        Cx = jnp.repeat(C_t, p, axis=1)  # (b, e, n)
-        h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * u_t)[..., None] * Bx  # (b, e, n)
-        return h, jnp.sum(h * Cx, axis=-1)
+        return _recurrence_step(h, xs[0], xs[1], A, xs[2], xs[3])
 
-    xs = (u, dt, B.astype(jnp.float32), C.astype(jnp.float32))
-    xs = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), xs)
+    xs = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), (u, dt, B, C))
     h, y = jax.lax.scan(step, h0, xs)
     return jnp.moveaxis(y, 0, 1), h
 
@@ -275,7 +280,10 @@ def _ssm_associative(u, dt, A, B, C, h0, chunk=None):
 # The public dispatcher.
 
 
-def _resolve_impl(impl, bsz, length, e, n, g, dtype):
+def resolve_impl(impl, bsz, length, e, n, g, dtype) -> str:
+    """The implementation `impl` runs as for these sizes: "reference", "associative" or "pallas"
+    ("auto" picks pallas where the kernel supports the call here). Raises ValueError for an
+    unknown impl, or for impl="pallas" where the kernel cannot run the call."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl in ("reference", "associative"):
@@ -327,7 +335,7 @@ def selective_scan(
       y: (b, l, e) in u's dtype, or (y, final_state) when return_final_state.
     """
     bsz, length, e, n, g = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    impl = _resolve_impl(impl, bsz, length, e, n, g, u.dtype)
+    impl = resolve_impl(impl, bsz, length, e, n, g, u.dtype)
     if impl == "pallas":
         import pallas_kernels
 
@@ -337,7 +345,7 @@ def selective_scan(
         )  # fmt: skip
         return (y, h) if return_final_state else y
 
-    dt = _discretize_delta(delta, delta_bias, delta_softplus)
+    dt = _step_size(delta, delta_bias, delta_softplus)
     h0 = (
         jnp.zeros((bsz, e, n), jnp.float32)
         if initial_state is None
@@ -352,18 +360,12 @@ def selective_scan(
 
 def selective_scan_step(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, state,
                         delta_softplus=False):  # fmt: skip
-    """One recurrent step for decoding.
+    """One recurrent step for decoding: the reference scan's step on one token.
 
     u, delta, z: (b, e); B, C: (b, n) or (b, g, n); state: (b, e, n) f32. Returns (y (b, e), new state).
     """
-    bsz, e = u.shape
-    dt = _discretize_delta(delta, delta_bias, delta_softplus)  # (b, e)
-    Bg = B[:, None, :] if B.ndim == 2 else B
-    Cg = C[:, None, :] if C.ndim == 2 else C
-    p = e // Bg.shape[1]
-    Bx = jnp.repeat(Bg.astype(jnp.float32), p, axis=1)  # (b, e, n)
-    Cx = jnp.repeat(Cg.astype(jnp.float32), p, axis=1)  # (b, e, n)
-    h = jnp.exp(dt[..., None] * A.astype(jnp.float32)) * state
-    h = h + (dt * u.astype(jnp.float32))[..., None] * Bx
-    y = jnp.sum(h * Cx, axis=-1)  # (b, e)
+    dt = _step_size(delta, delta_bias, delta_softplus)  # (b, e)
+    Bg = (B[:, None, :] if B.ndim == 2 else B).astype(jnp.float32)  # (b, g, n)
+    Cg = (C[:, None, :] if C.ndim == 2 else C).astype(jnp.float32)
+    h, y = _recurrence_step(state, u.astype(jnp.float32), dt, A.astype(jnp.float32), Bg, Cg)
     return _output(y, u, D, z, u.dtype), h

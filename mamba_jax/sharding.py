@@ -105,7 +105,7 @@ def param_specs(abstract_state: nnx.State, mesh) -> nnx.State:
     return jax.tree.map(spec, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def state_shardings(abstract_state: nnx.State, mesh) -> nnx.State:
+def param_shardings(abstract_state: nnx.State, mesh) -> nnx.State:
     """NamedShardings with the same tree structure as `abstract_state` (Variables kept)."""
 
     def sharding(variable):

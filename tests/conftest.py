@@ -1,6 +1,11 @@
-"""Shared test setup: fake CPU devices, the tolerance table, and the gpu marker."""
+"""Shared test setup: fake CPU devices, the tolerance table, the gpu marker, and helpers that run
+train.py as a user does (a subprocess) on a tiny config."""
 
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 # Eight fake CPU devices let the sharding tests build real meshes on one machine.
 # This must happen before JAX initialises its backends.
@@ -12,6 +17,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The notebooks' helpers live beside the notebooks; their tests import them from there.
+sys.path.insert(0, str(ROOT / "notebooks"))
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -65,3 +74,66 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py on a tiny model.
+
+
+def corpus(tmp_path):
+    """A few small text files (the repo's own sources), enough for train and validation."""
+    directory = tmp_path / "corpus"
+    directory.mkdir(exist_ok=True)
+    for name in ("scan.py", "model.py", "mixer.py", "layers.py"):
+        text = (ROOT / "mamba_jax" / name).read_text()
+        (directory / f"{name}.txt").write_text(text)
+    return str(directory)
+
+
+def train_args(tmp_path, ckpt_dir, **overrides) -> list[str]:
+    """train.py arguments for a 2-layer d_model 32 model on `corpus`, plus `overrides`."""
+    base = {
+        "data.train_path": corpus(tmp_path), "data.val_fraction": 0.25,
+        "model.d_model": 32, "model.n_layer": 2, "model.vocab_size": 257,
+        "model.scan_impl": "reference", "mesh.data": -1,
+        "train.batch_size": 8, "train.seq_len": 32, "train.lr": 3e-3, "train.warmup_steps": 2,
+        "train.log_every": 1, "train.eval_every": 1000, "train.eval_batches": 1,
+        "train.sample_tokens": 0, "train.tensorboard": False, "train.progress": False,
+        "checkpoint.dir": str(ckpt_dir), "checkpoint.async_save": True,
+    }  # fmt: skip
+    base.update(overrides)
+    return ["--config", str(ROOT / "configs" / "tiny.yaml")] + [f"{k}={v}" for k, v in base.items()]
+
+
+def run_train(argv, *, expect_ok=True, env=None, timeout=600):
+    """Runs `python train.py argv` in a subprocess (8 fake CPU devices, like the tests).
+
+    Returns (the run's train_summary.json or None, CompletedProcess). With expect_ok, a non-zero
+    exit fails the test with train.py's stderr."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *map(str, argv)],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )  # fmt: skip
+    if expect_ok:
+        assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    summary = None
+    if "checkpoint.dir" in " ".join(map(str, argv)):
+        ckpt = [a.split("=", 1)[1] for a in map(str, argv) if a.startswith("checkpoint.dir=")][-1]
+        path = os.path.join(ckpt, "train_summary.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                summary = json.load(f)
+    return summary, proc
+
+
+def losses(ckpt_dir) -> dict:
+    """{step: loss} from a run's metrics.jsonl."""
+    with open(os.path.join(ckpt_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def complete_steps(ckpt_dir) -> list[int]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())

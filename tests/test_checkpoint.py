@@ -10,77 +10,48 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-import train
+from mamba_jax import load_model
 from mamba_jax import sharding as shd
-from mamba_jax import trainer
-from mamba_jax.checkpoint import Checkpointer, read_config, restore_model
-from mamba_jax.config import CheckpointConfig, MambaConfig, MeshConfig, TrainConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def corpus(tmp_path):
-    """A few small text files (the repo's own sources), enough for train and validation."""
-    directory = tmp_path / "corpus"
-    directory.mkdir(exist_ok=True)
-    for name in ("scan.py", "model.py", "mixer.py", "layers.py"):
-        with open(os.path.join(ROOT, "mamba_jax", name)) as f:
-            (directory / f"{name}.txt").write_text(f.read())
-    return str(directory)
-
-
-def args(tmp_path, ckpt_dir, **overrides):
-    base = {
-        "data.train_path": corpus(tmp_path), "data.val_fraction": 0.25,
-        "model.d_model": 32, "model.n_layer": 2, "model.vocab_size": 257,
-        "model.scan_impl": "reference", "mesh.data": -1,
-        "train.batch_size": 8, "train.seq_len": 32, "train.lr": 3e-3, "train.warmup_steps": 2,
-        "train.log_every": 1, "train.eval_every": 1000, "train.eval_batches": 1,
-        "train.sample_tokens": 0, "train.tensorboard": False, "train.progress": False,
-        "checkpoint.dir": str(ckpt_dir), "checkpoint.async_save": True,
-    }  # fmt: skip
-    base.update(overrides)
-    return ["--config", os.path.join(ROOT, "configs", "tiny.yaml")] + [
-        f"{k}={v}" for k, v in base.items()
-    ]
-
-
-def losses(ckpt_dir):
-    with open(os.path.join(ckpt_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
-
-
-def complete_steps(ckpt_dir):
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+from mamba_jax.config import MambaConfig, MeshConfig
+from mamba_jax.training import trainer
+from mamba_jax.training.checkpoint import Checkpointer, read_run_config, restore_model
+from mamba_jax.training.run_config import CheckpointConfig, TrainConfig
+from tests.conftest import ROOT, complete_steps, losses, run_train
+from tests.conftest import train_args as args
 
 
 def test_resume_gives_identical_losses(tmp_path):
     k = 4
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train.main(args(tmp_path, straight, **{"train.steps": 2 * k, "checkpoint.every": k}))
-    first = train.main(
+    run_train(args(tmp_path, straight, **{"train.steps": 2 * k, "checkpoint.every": k}))
+    first, _ = run_train(
         args(tmp_path, resumed, **{"train.steps": 2 * k, "train.stop_at": k, "checkpoint.every": k})
     )
     assert first["step"] == k and complete_steps(resumed) == [k]
-    second = train.main(args(tmp_path, resumed, **{"train.steps": 2 * k, "checkpoint.every": k}))
+    second, _ = run_train(args(tmp_path, resumed, **{"train.steps": 2 * k, "checkpoint.every": k}))
     assert second["step"] == 2 * k
     a, b = losses(straight), losses(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 2 * k + 1))
     assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise, every step
     assert len(set(a.values())) == len(a)  # the losses really change step to step
-    # The generation CLI's entry point rebuilds the model from either run: same weights.
+    # The library's loader rebuilds the model from either run, or from one step folder.
     model_a, config_a = restore_model(str(straight))
-    model_b, _ = restore_model(str(resumed))
-    assert config_a.d_model == 32
-    for x, y in zip(jax.tree.leaves(trainer.pure(trainer.nnx.state(model_a))),
-                    jax.tree.leaves(trainer.pure(trainer.nnx.state(model_b)))):  # fmt: skip
+    model_b = load_model(str(resumed))
+    model_c = load_model(str(straight / str(2 * k)))
+    assert config_a.model.d_model == 32 and config_a.train.steps == 2 * k
+    leaves = [jax.tree.leaves(nnx.state(m)) for m in (model_a, model_b, model_c)]
+    for x, y, z in zip(*leaves):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(z))
     logits = model_a(np.zeros((1, 5), np.int32))
     assert logits.shape == (1, 5, 264) and np.all(np.isfinite(np.asarray(logits)))
-    assert read_config(str(straight))[1] == 2 * k
+    assert read_run_config(str(straight))[1] == 2 * k
+    # An earlier step folder loads that step's weights, not the latest.
+    model_k = load_model(str(straight / str(k)))
+    k_leaf = jax.tree.leaves(nnx.state(model_k))[0]
+    assert not np.array_equal(np.asarray(k_leaf), np.asarray(jax.tree.leaves(nnx.state(model_a))[0]))
 
 
 def _start(cmd):
@@ -138,7 +109,7 @@ def test_restore_onto_another_mesh(tmp_path, src, dst):
     ckpt.save(5, state, force=True)
     ckpt.close()
     mesh_b = shd.make_mesh(MeshConfig(*dst))
-    _, abstract, shardings = trainer.state_shardings(model, tx, mesh_b)
+    _, abstract, shardings = trainer.train_state_shardings(model, tx, mesh_b)
     ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path / "c")), with_data=False)
     assert ckpt.latest_step() == 5
     restored = ckpt.restore(5, abstract, shardings)

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import mamba_jax.cli as cli
-from mamba_jax import MambaLM, generate
-from mamba_jax.cli import generate_main, load_model, main
+from mamba_jax import MambaLM, generate, load_model
+from mamba_jax.generate import find_model_tokenizer, generate_main, main
 from mamba_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+
+cli = sys.modules["mamba_jax.generate"]  # the command-line module (see mamba_jax/__init__.py)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "mamba_tiny")
 HF, ORIGINAL = os.path.join(FIXTURE, "hf"), os.path.join(FIXTURE, "original")
@@ -70,9 +71,10 @@ def test_sampling_is_seeded(capsys):
 
 def test_training_checkpoint_dir(tmp_path, capsys):
     """A real train.py-style Orbax checkpoint: the run's config names the tokenizer."""
-    from mamba_jax.checkpoint import Checkpointer
-    from mamba_jax.config import CheckpointConfig, Config, DataConfig, MambaConfig
-    from mamba_jax.trainer import pure
+    from mamba_jax.config import MambaConfig
+    from mamba_jax.training.checkpoint import Checkpointer
+    from mamba_jax.training.run_config import CheckpointConfig, Config, DataConfig
+    from mamba_jax.training.trainer import pure
 
     model_cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=97, scan_impl="reference")
     tok_file = os.path.join(HF, "tokenizer.json")
@@ -85,8 +87,8 @@ def test_training_checkpoint_dir(tmp_path, capsys):
     ckpt.save(5, state, config=run, force=True)
     ckpt.close()
 
-    model, tok_path = load_model(str(tmp_path / "run"))
-    assert tok_path == tok_file  # the run's data.tokenizer
+    model = load_model(str(tmp_path / "run"))
+    assert find_model_tokenizer(str(tmp_path / "run")) == tok_file  # the run's data.tokenizer
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for path, value in jax.tree_util.tree_leaves_with_path(state["params"]):
         key = tuple(k.key for k in path)
@@ -97,8 +99,8 @@ def test_training_checkpoint_dir(tmp_path, capsys):
     args = ["--prompt", "the lazy dog", "--max-new-tokens", "6"]
     assert generate_main(["--model", str(tmp_path / "run"), *args]) == tok.decode(want)
     # One step folder of the run, cast to bf16 on the way (A_log and D stay fp32).
-    model, tok_path = load_model(str(tmp_path / "run" / "5"), dtype="bfloat16")
-    assert tok_path == tok_file
+    model = load_model(str(tmp_path / "run" / "5"), dtype="bfloat16")
+    assert find_model_tokenizer(str(tmp_path / "run" / "5")) == tok_file
     assert model.layers.mixer.in_proj.kernel.get_value().dtype == jnp.bfloat16
     assert model.layers.mixer.A_log.get_value().dtype == jnp.float32
     capsys.readouterr()
@@ -108,7 +110,7 @@ def test_training_checkpoint_dir(tmp_path, capsys):
     ckpt.save(1, state, config=gone, force=True)
     ckpt.close()
     with pytest.raises(ValueError, match="gone.json', which does not exist here; pass --tokenizer"):
-        load_model(str(tmp_path / "other"))
+        find_model_tokenizer(str(tmp_path / "other"))
 
 
 def test_tokenizer_choice(tmp_path):
@@ -123,7 +125,7 @@ def test_tokenizer_choice(tmp_path):
 
 
 def test_unknown_dirs_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="must be a directory"):
+    with pytest.raises(ValueError, match="path must be a model directory"):
         load_model(str(tmp_path / "missing"))
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="neither an HF/mamba_ssm checkpoint"):
@@ -146,3 +148,11 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "Warning" not in proc.stderr, proc.stderr  # nor runpy's note on the module name
     assert "error: --model must be a directory" in proc.stderr
+
+
+def test_the_package_attribute_generate_stays_the_function():
+    import mamba_jax
+    from mamba_jax import sampling
+
+    assert mamba_jax.generate is sampling.generate is generate
+    assert callable(cli.main) and cli is not mamba_jax.generate

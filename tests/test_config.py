@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from mamba_jax.config import Config, load_config
-from mamba_jax.trainer import abstract_model, count_params, pure
+from mamba_jax.model import abstract_model, count_params
+from mamba_jax.training.run_config import Config, config_from_dict, load_config
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 # Official parameter counts (tied embedding, vocab padded to 50280), in millions.
 OFFICIAL_M = {"mamba_130m": 129, "mamba_370m": 372, "mamba_790m": 793, "mamba_1.4b": 1372,
@@ -23,8 +23,7 @@ def test_presets_exist():
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: os.path.basename(p))
 def test_preset_builds(path):
     config = load_config(path)
-    _, state = abstract_model(config.model)  # nnx.eval_shape: shapes only, nothing allocated
-    n = count_params(pure(state))
+    n = count_params(abstract_model(config.model))  # shapes only, nothing allocated
     name = os.path.basename(path)[:-5]
     if name in OFFICIAL_M:
         assert abs(n / 1e6 - OFFICIAL_M[name]) / OFFICIAL_M[name] < 0.01, (name, n)
@@ -79,3 +78,12 @@ def test_bad_overrides_name_the_key(override, message):
 def test_missing_config_file():
     with pytest.raises(ValueError, match="does not exist"):
         load_config("/nonexistent/preset.yaml")
+
+
+def test_retired_model_keys_of_older_runs():
+    """Run configs saved before tie_embeddings and scan_layers were removed still load; a value
+    the model cannot honour is refused rather than ignored."""
+    tree = {"model": {"d_model": 32, "tie_embeddings": True, "scan_layers": True}}
+    assert config_from_dict(tree).model.d_model == 32
+    with pytest.raises(ValueError, match="tie_embeddings=False is not supported"):
+        config_from_dict({"model": {"tie_embeddings": False}})

@@ -20,7 +20,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from mamba_jax import MambaConfig, MambaLM, convert, generate, load_pretrained, save_pretrained
-from mamba_jax.convert import config_from_dict
+from mamba_jax.convert import config_from_hf_dict
+from mamba_jax.model import with_config
 from mamba_jax.torch_bin import read_torch_bin
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "mamba_tiny")
@@ -130,7 +131,7 @@ def random_model():
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_random_model_round_trips(param_dtype, random_model, tmp_path):
-    model = convert.cast_model(random_model, param_dtype)
+    model = with_config(random_model, dtype=param_dtype, param_dtype=param_dtype)
     if param_dtype == "bfloat16":  # the cast keeps the SSM's sensitive parameters in fp32
         assert model.layers.mixer.in_proj.bias.get_value().dtype == jnp.bfloat16
         assert model.layers.mixer.dt_proj.bias.get_value().dtype == jnp.float32
@@ -364,23 +365,23 @@ def test_config_of_the_released_hf_checkpoints():
         "rms_norm": True, "fused_add_norm": True, "residual_in_fp32": True,
         "torch_dtype": "float32", "hidden_act": "silu", "time_step_floor": 0.0001,
     }  # fmt: skip
-    cfg, fmt = config_from_dict(raw)
+    cfg, fmt = config_from_hf_dict(raw)
     assert fmt == "hf" and (cfg.d_model, cfg.n_layer, cfg.vocab_size) == (768, 24, 50280)
     assert cfg.dt_rank == 48 and cfg.d_inner == 1536 and cfg.padded_vocab_size == 50280
 
 
 def test_original_config_fields():
-    cfg, fmt = config_from_dict(
+    cfg, fmt = config_from_hf_dict(
         {"d_model": 64, "n_layer": 3, "vocab_size": 50277, "ssm_cfg": {"d_state": 8, "expand": 3}}
     )
     assert fmt == "original" and cfg.d_state == 8 and cfg.d_inner == 192
     assert cfg.padded_vocab_size == 50280
     with pytest.raises(ValueError, match="only Mamba1"):
-        config_from_dict(
+        config_from_hf_dict(
             {"d_model": 64, "n_layer": 3, "vocab_size": 9, "ssm_cfg": {"layer": "Mamba2"}}
         )
     with pytest.raises(ValueError, match="hybrid"):
-        config_from_dict({"d_model": 64, "n_layer": 3, "vocab_size": 9, "attn_layer_idx": [1]})
+        config_from_hf_dict({"d_model": 64, "n_layer": 3, "vocab_size": 9, "attn_layer_idx": [1]})
 
 
 # ----------------------------------------------------------------------------- transformers

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from mamba_jax import data
-from mamba_jax.config import DataConfig
 from mamba_jax.tokenizer import ByteTokenizer
+from mamba_jax.training import data
+from mamba_jax.training.run_config import DataConfig
 
 
 def write_files(tmp_path, texts):

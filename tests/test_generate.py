@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from mamba_jax import MambaConfig, MambaLM, generate
-from mamba_jax.generate import sample_logits
+from mamba_jax.sampling import sample_logits
 
 CFG = MambaConfig(d_model=16, n_layer=2, vocab_size=29, scan_impl="associative")
 

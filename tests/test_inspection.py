@@ -5,16 +5,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
-
-from mamba_jax import MambaConfig, MambaLM, selective_scan
-from mamba_jax.inspection import (
+from inspection import (
     associative_scan_work_depth,
     discretize,
     fit_task,
-    masked_task_loss,
     mean_by_kind,
     measure_scan,
     scan_agreement,
@@ -23,7 +19,9 @@ from mamba_jax.inspection import (
     ssm_intermediates,
     token_kinds,
 )
-from mamba_jax.tasks import SelectiveCopying
+
+from mamba_jax import MambaConfig, MambaLM, selective_scan
+from mamba_jax.training.tasks import SelectiveCopying
 
 
 def _rand(key, shape, scale=1.0, shift=0.0):
@@ -151,19 +149,6 @@ def test_measure_scan_memory_of_the_backward():
     assert long["associative"]["temp_bytes"] < 3 * short["associative"]["temp_bytes"]
     with pytest.raises(ValueError, match="impl"):
         measure_scan("auto", 16)
-
-
-def test_masked_task_loss_scores_only_the_masked_positions():
-    cfg = MambaConfig(d_model=16, n_layer=1, vocab_size=11, scan_impl="reference")
-    model = MambaLM(cfg, rngs=nnx.Rngs(0))
-    inputs = jax.random.randint(jax.random.key(1), (3, 7), 0, 11)
-    targets = jax.random.randint(jax.random.key(2), (3, 7), 0, 11)
-    mask = jnp.zeros((3, 7)).at[:, -2:].set(1.0)
-    loss, acc = masked_task_loss(model, inputs, targets, mask)
-    logits = model(inputs)[:, -2:, :11]  # the padded vocab entries are never candidates
-    want = optax.softmax_cross_entropy_with_integer_labels(logits, targets[:, -2:]).mean()
-    np.testing.assert_allclose(loss, want, rtol=1e-5)
-    np.testing.assert_allclose(acc, jnp.mean(jnp.argmax(logits, -1) == targets[:, -2:]))
 
 
 def test_fit_task_trains_in_place_and_logs():

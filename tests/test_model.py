@@ -9,8 +9,6 @@ import pytest
 from flax import linen, nnx
 
 from mamba_jax import MambaConfig, MambaLM
-from mamba_jax.config import PRESETS
-from mamba_jax.model import count_params
 
 TINY = MambaConfig(d_model=16, n_layer=2, vocab_size=37, scan_impl="associative")
 
@@ -89,20 +87,6 @@ def test_lti_ablation_builds_and_differs():
     model = MambaLM(cfg, rngs=nnx.Rngs(0))
     assert model(ids(4, 2, 7)).shape == (2, 7, 40)
     assert not hasattr(MambaLM(TINY, rngs=nnx.Rngs(0)).layers.mixer, "lti_dt")
-
-
-# The released models' nominal sizes (millions); names round the true counts (tied embeddings,
-# vocab padded to 50280), e.g. mamba-130m holds about 129M parameters.
-PUBLISHED = {"130m": 130, "370m": 370, "790m": 790, "1.4b": 1400, "2.8b": 2800}
-
-
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_official_param_counts(name):
-    cfg = PRESETS[name]
-    abstract = nnx.eval_shape(lambda: MambaLM(cfg, rngs=nnx.Rngs(0)))
-    count = count_params(nnx.state(abstract, nnx.Param))
-    print(f"mamba-{name}: {count / 1e6:.1f}M parameters")
-    assert abs(count / 1e6 - PUBLISHED[name]) / PUBLISHED[name] < 0.025
 
 
 @pytest.mark.parametrize("bad", [jnp.zeros((2, 3), jnp.float32), jnp.zeros((3,), jnp.int32)])

@@ -9,8 +9,10 @@ import sys
 
 import numpy as np
 
-import train
-from tests.test_checkpoint import ROOT, args, complete_steps, losses
+from mamba_jax.training.distributed import distributed_wanted
+from mamba_jax.training.run_config import DistributedConfig
+from tests.conftest import ROOT, complete_steps, losses, run_train
+from tests.conftest import train_args as args
 
 
 def _free_port():
@@ -56,7 +58,7 @@ def test_two_processes_train_save_and_resume(tmp_path, assert_close):
     outs = _run_pair(tmp_path, ckpt, stop_at=6)
     assert f"resumed from {ckpt} step 4" in outs[0]
     assert complete_steps(ckpt)[-1] == 6
-    train.main(args(tmp_path, reference, **{"train.steps": 6}))  # one process, 8 devices
+    run_train(args(tmp_path, reference, **{"train.steps": 6}))  # one process, 8 devices
     multi, single = losses(ckpt), losses(reference)
     assert sorted(multi) == sorted(single) == list(range(1, 7))
     # The global batch assembled from both processes equals the one-process batch, so the losses
@@ -66,15 +68,13 @@ def test_two_processes_train_save_and_resume(tmp_path, assert_close):
 
 
 def test_distributed_init_is_wanted_only_when_the_environment_says_so():
-    from mamba_jax.config import DistributedConfig
-
     auto = DistributedConfig()
-    assert not train.distributed_wanted(auto, {})
-    assert not train.distributed_wanted(auto, {"SLURM_NTASKS": "1"})
-    assert train.distributed_wanted(auto, {"SLURM_NTASKS": "4"})
-    assert train.distributed_wanted(auto, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
-    assert train.distributed_wanted(auto, {"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"})
-    assert not train.distributed_wanted(auto, {"TPU_WORKER_HOSTNAMES": "localhost"})
-    assert train.distributed_wanted(DistributedConfig(coordinator_address="h:1"), {})
-    assert train.distributed_wanted(DistributedConfig(mode="on"), {})
-    assert not train.distributed_wanted(DistributedConfig(mode="off"), {"SLURM_NTASKS": "4"})
+    assert not distributed_wanted(auto, {})
+    assert not distributed_wanted(auto, {"SLURM_NTASKS": "1"})
+    assert distributed_wanted(auto, {"SLURM_NTASKS": "4"})
+    assert distributed_wanted(auto, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert distributed_wanted(auto, {"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"})
+    assert not distributed_wanted(auto, {"TPU_WORKER_HOSTNAMES": "localhost"})
+    assert distributed_wanted(DistributedConfig(coordinator_address="h:1"), {})
+    assert distributed_wanted(DistributedConfig(mode="on"), {})
+    assert not distributed_wanted(DistributedConfig(mode="off"), {"SLURM_NTASKS": "4"})

@@ -3,11 +3,14 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mamba_jax import sharding as shd
-from mamba_jax import trainer
-from mamba_jax.config import MambaConfig, MeshConfig, TrainConfig
+from mamba_jax.config import MambaConfig, MeshConfig
+from mamba_jax.model import abstract_model
+from mamba_jax.training import trainer
+from mamba_jax.training.run_config import TrainConfig
 
 MODEL = MambaConfig(d_model=32, n_layer=2, vocab_size=257, scan_impl="reference")
 
@@ -27,7 +30,7 @@ def test_mesh_shape_fill_and_errors():
 
 def test_parameter_specs_follow_the_rules():
     mesh = shd.make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
-    _, abstract = trainer.abstract_model(MODEL)
+    abstract = nnx.state(abstract_model(MODEL))
     specs = trainer.pure(shd.param_specs(abstract, mesh))
     mixer = specs["layers"]["mixer"]
     assert mixer["in_proj"]["kernel"] == P(None, "fsdp", "tensor")  # (layers, d, 2e)
@@ -46,7 +49,7 @@ def test_parameter_specs_follow_the_rules():
 
 
 def test_decay_mask():
-    _, abstract = trainer.abstract_model(MODEL)
+    abstract = nnx.state(abstract_model(MODEL))
     mask = trainer.decay_mask(trainer.pure(abstract))
     mixer = mask["layers"]["mixer"]
     assert mixer["in_proj"]["kernel"] and mixer["out_proj"]["kernel"] and mixer["x_proj"]["kernel"]

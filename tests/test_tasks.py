@@ -1,22 +1,19 @@
 """The synthetic tasks: generator structure, determinism, the Grain pipeline and its checkpointable
 state, chunked evaluation against a full forward, and a toy-scale training smoke test."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from flax import nnx
 
 from mamba_jax.config import MambaConfig
-from mamba_jax.eval_tasks import (
+from mamba_jax.model import MambaLM, with_config
+from mamba_jax.training.eval_tasks import (
     TailPredictor,
-    evaluate,
     fastest_scan_impl,
     pick_chunk,
-    with_scan_impl,
+    task_accuracy,
 )
-from mamba_jax.model import MambaLM
-from mamba_jax.tasks import (
+from mamba_jax.training.tasks import (
     InductionHeads,
     SelectiveCopying,
     TaskSource,
@@ -24,8 +21,7 @@ from mamba_jax.tasks import (
     task_batch,
     task_dataset,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("seq_len", [32, 257, 4096])
@@ -138,7 +134,7 @@ def test_chunked_tail_predictions_match_full_forward(impl):
     ids = np.random.default_rng(1).integers(0, 16, (3, 45))
     logits = np.asarray(model(ids))  # (b, l, v)
     full = logits[..., :16].argmax(-1)
-    predictor = TailPredictor(with_scan_impl(model, impl), vocab_size=16)
+    predictor = TailPredictor(with_config(model, scan_impl=impl), vocab_size=16)
     for chunk in (4, 45):  # chunks that split the tail with a ragged last chunk; one chunk
         np.testing.assert_array_equal(predictor(ids, 7, chunk), full[:, -7:])
 
@@ -151,8 +147,8 @@ def test_fastest_scan_impl_picks_one_that_runs_and_agrees():
     assert impl in ("reference", "associative")
 
 
-def test_evaluate_bounds_the_host_batch_without_changing_the_result():
-    from mamba_jax.eval_tasks import _tail_batch
+def test_task_accuracy_bounds_the_host_batch_without_changing_the_result():
+    from mamba_jax.training.eval_tasks import _tail_batch
 
     task = SelectiveCopying(seq_len=40, vocab_size=16, n_data=4)
     inputs, answers = _tail_batch(task, 7, 3, 5)
@@ -161,9 +157,9 @@ def test_evaluate_bounds_the_host_batch_without_changing_the_result():
     np.testing.assert_array_equal(answers, full["targets"][:, -4:])
     model = MambaLM(MambaConfig(d_model=8, n_layer=1, vocab_size=16, scan_impl="reference"),
                     rngs=nnx.Rngs(0))  # fmt: skip
-    whole = evaluate(model, task, num=24, batch=24, progress=False)
+    whole = task_accuracy(model, task, num=24, batch=24, progress=False)
     # 40 tokens per sequence and a 100-token bound: batches of 2 sequences, chunks of 16 tokens
-    bounded = evaluate(model, task, num=24, batch=24, batch_tokens=100, chunk_tokens=32,
+    bounded = task_accuracy(model, task, num=24, batch=24, batch_tokens=100, chunk_tokens=32,
                        progress=False)  # fmt: skip
     assert whole["scored_tokens"] == bounded["scored_tokens"] == 24 * 4
     assert whole["accuracy"] == bounded["accuracy"]
@@ -182,10 +178,10 @@ def test_pick_chunk_bounds_memory():
 
 def test_induction_heads_trains_through_train_py(tmp_path):
     """train.py with data.task, then restore_model and eval_tasks on fresh sequences."""
-    import train
-    from mamba_jax.checkpoint import restore_model
+    from mamba_jax.training.checkpoint import restore_model
+    from tests.conftest import run_train
 
-    out = train.main([
+    out, _ = run_train([
         "--config", str(ROOT / "configs" / "induction_heads.yaml"), f"checkpoint.dir={tmp_path}",
         "model.d_model=32", "model.scan_impl=reference", "train.seq_len=16",
         "train.batch_size=32", "train.steps=250", "train.lr=0.01", "train.min_lr=0.01",
@@ -195,8 +191,8 @@ def test_induction_heads_trains_through_train_py(tmp_path):
     ])  # fmt: skip
     assert out["step"] == 250 and out["loss"] < 1.0 and out["eval_accuracy"] > 0.6, out
     model, config = restore_model(str(tmp_path))
-    assert config.vocab_size == 16 and config.d_model == 32
-    row = evaluate(model, "induction_heads", 16, num=200, batch=200, progress=False)
+    assert config.model.vocab_size == 16 and config.model.d_model == 32 and config.data.task
+    row = task_accuracy(model, "induction_heads", 16, num=200, batch=200, progress=False)
     assert row["accuracy"] > 0.6, row  # chance is 1/15
 
 
@@ -206,8 +202,9 @@ def test_selective_copying_trains_with_the_train_step():
     import jax
 
     from mamba_jax import sharding as shd
-    from mamba_jax import trainer
-    from mamba_jax.config import MeshConfig, TrainConfig
+    from mamba_jax.config import MeshConfig
+    from mamba_jax.training import trainer
+    from mamba_jax.training.run_config import TrainConfig
 
     task = SelectiveCopying(seq_len=24, vocab_size=8, n_data=4)
     model_config = MambaConfig(d_model=32, n_layer=2, vocab_size=8, scan_impl="reference")
@@ -221,6 +218,6 @@ def test_selective_copying_trains_with_the_train_step():
     for _ in range(tc.steps):
         state, metrics = train_step(state, trainer.global_batch(next(batches), mesh))
     model = nnx.merge(graphdef, state["params"])
-    row = evaluate(model, task, num=200, batch=200, progress=False)
+    row = task_accuracy(model, task, num=200, batch=200, progress=False)
     assert row["scored_tokens"] == 200 * 4 and row["chance"] == pytest.approx(1 / 6)
     assert row["accuracy"] > 3 * task.chance, row

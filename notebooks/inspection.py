@@ -1,11 +1,10 @@
 """Looking inside the selective scan: discretisation, per-layer intermediates, and scan costs.
 
-These helpers back the notebooks: they compute what the paper's figures show (the decay
+These helpers back the notebooks in this folder (they import it as `inspection`): they compute what the paper's figures show (the decay
 exp(Δ A), the Δ, B and C a trained model produces token by token, the work and depth of the
 parallel scan, and memory and time as the length grows) with the package's own code paths.
 
-(Named `inspection`, not `inspect`, so that running a file from inside the package directory
-never shadows the standard library's `inspect`.)
+(Named `inspection`, not `inspect`, so that it never shadows the standard library's `inspect`.)
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from mamba_jax.scan import IMPLS, selective_scan
@@ -80,22 +78,12 @@ class SSMIntermediates(NamedTuple):
     z: jax.Array  # (n_layer, b, l, e) the gate branch
 
 
-def _mixer_scan_inputs(mixer, hidden):
-    """hidden: (b, l, d) normalised block input -> (u, delta, B, C, z), as MambaMixer.__call__."""
-    xz = mixer.in_proj(hidden)  # (b, l, 2e)
-    x, z = jnp.split(xz, 2, axis=-1)  # (b, l, e) each
-    x, _ = mixer.conv1d(x, None)
-    u = jax.nn.silu(x)
-    delta, B, C = mixer._ssm_inputs(u)  # (b, l, e), (b, l, n), (b, l, n)
-    return u, delta, B, C, z
-
-
 @nnx.jit
 def _intermediates(model, input_ids):
     x = model.embedding(input_ids).astype(jnp.float32)  # (b, l, d)
 
     def body(x, block):
-        u, delta, B, C, z = _mixer_scan_inputs(block.mixer, block.norm(x))
+        u, delta, B, C, z, _ = block.mixer.scan_inputs(block.norm(x))
         bias = block.mixer.dt_proj.bias[...].astype(jnp.float32)
         dt = jax.nn.softplus(delta.astype(jnp.float32) + bias)  # (b, l, e)
         return block(x), (x, u, delta, dt, B, C, z)
@@ -311,42 +299,41 @@ def measure_scan(impl, length, *, b=1, e=64, n=16, grad=False, reps=5, seed=0) -
 # (train.py is the sharded, checkpointed trainer; this one trades all of that for brevity.)
 
 
-def masked_task_loss(model, inputs, targets, mask):
-    """inputs, targets: (b, l) int; mask: (b, l) float. Mean cross-entropy over the scored
-    positions, and the fraction of them predicted right."""
-    logits = model(inputs)[..., : model.config.vocab_size]  # (b, l, v): padding never predicted
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (b, l)
-    total = jnp.maximum(mask.sum(), 1.0)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return jnp.sum(losses * mask) / total, jnp.sum(correct * mask) / total
-
-
-@nnx.jit
-def _task_step(model, optimizer, batch):
-    def loss_fn(model):
-        return masked_task_loss(model, batch["inputs"], batch["targets"], batch["mask"])
-
-    (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
-    return loss, accuracy
-
-
 def fit_task(model, task, *, steps, batch_size, lr=3e-3, seed=0, log_every=25):
-    """Trains `model` in place on fresh examples of `task` (from mamba_jax.tasks) with AdamW
-    (linear warmup, cosine decay, gradient clipping at 1). Returns the logged history, a list of
-    {"step", "loss", "accuracy", "seconds"} measured on each logged step's training batch."""
-    from mamba_jax.tasks import task_batch
+    """Trains `model` in place on fresh examples of `task` (from mamba_jax.training.tasks) with the
+    training package's own optimizer and step (AdamW, linear warmup, cosine decay, gradient
+    clipping at 1) on one device. Returns the logged history, a list of
+    {"step", "loss", "accuracy", "seconds"}: the step's loss, and the accuracy on the scored
+    positions of the same training batch after the update."""
+    from mamba_jax import sharding as shd
+    from mamba_jax.config import MeshConfig
+    from mamba_jax.training import trainer
+    from mamba_jax.training.run_config import TrainConfig
+    from mamba_jax.training.tasks import task_batch
 
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps=} {batch_size=}")
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.98))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=task.seq_len, lr=lr,
+                         warmup_steps=min(100, steps // 10 + 1), seed=seed)  # fmt: skip
+    mesh = shd.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    tx = trainer.make_optimizer(config)
+    graphdef, _, shardings = trainer.train_state_shardings(model.config, tx, mesh)
+    params = trainer.pure(nnx.state(model))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(seed))}  # fmt: skip
+    state = jax.device_put(state, shardings)
+    train_step = trainer.make_train_step(graphdef, tx, config, shardings, mesh)
+    eval_step = trainer.make_eval_step(graphdef, shardings, mesh)
     history, start = [], time.perf_counter()
     for step in range(1, steps + 1):
-        batch = jax.tree.map(jnp.asarray, task_batch(task, seed, step * batch_size, batch_size))
-        loss, accuracy = _task_step(model, optimizer, batch)
+        batch = trainer.global_batch(task_batch(task, seed, step * batch_size, batch_size), mesh)
+        state, metrics = train_step(state, batch)
         if step % log_every == 0 or step == steps:
-            history.append({"step": step, "loss": float(loss), "accuracy": float(accuracy),
+            _, count, correct = eval_step(state["params"], batch)
+            history.append({"step": step, "loss": float(metrics["loss"]),
+                            "accuracy": float(correct) / max(float(count), 1.0),
                             "seconds": time.perf_counter() - start})  # fmt: skip
+    trained = nnx.state(model)
+    nnx.replace_by_pure_dict(trained, state["params"])
+    nnx.update(model, trained)
     return history

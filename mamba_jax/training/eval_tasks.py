@@ -1,6 +1,6 @@
 """Accuracy of a trained model on the synthetic tasks, at any length, in bounded memory.
 
-    python -m mamba_jax.eval_tasks --task induction_heads --checkpoint runs/induction_heads \
+    python -m mamba_jax.training.eval_tasks --task induction_heads --checkpoint runs/induction_heads \
         --num 1000 --out benchmarks/results/tasks_induction_heads.json
 
 Sequences are fed in chunks through the model's cache (`logits, cache = model(ids, cache=cache)`
@@ -24,24 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mamba_jax.model import MambaLM
-from mamba_jax.tasks import TASKS, make_task
+from mamba_jax.model import MambaLM, with_config
+from mamba_jax.training.tasks import TASKS, make_task
 
 EVAL_SEED = 1 << 21  # neither a training seed nor seed + VALIDATION_SEED_OFFSET
 DEFAULT_LENGTHS = {
     "selective_copying": [4096],
     "induction_heads": [2**k for k in range(6, 21)],
 }
-
-
-def with_scan_impl(model: MambaLM, impl: str) -> MambaLM:
-    """The same parameters in a model whose scan runs with `impl`."""
-    if model.config.scan_impl == impl:
-        return model
-    config = model.config.replace(scan_impl=impl)
-    twin = nnx.eval_shape(lambda: MambaLM(config, rngs=nnx.Rngs(0)))
-    nnx.update(twin, nnx.state(model))
-    return twin
 
 
 class TailPredictor:
@@ -92,7 +82,7 @@ def fastest_scan_impl(model: MambaLM, batch: int, chunk: int, candidates=None) -
     times, preds = {}, {}
     for impl in candidates:
         try:
-            predictor = TailPredictor(with_scan_impl(model, impl), model.config.vocab_size)
+            predictor = TailPredictor(with_config(model, scan_impl=impl), model.config.vocab_size)
             predictor(ids, tail, chunk)  # compile
             t0 = time.perf_counter()
             preds[impl] = predictor(ids, tail, chunk)
@@ -127,7 +117,7 @@ def _tail_batch(task, seed: int, start: int, count: int):
     return inputs, np.stack(answers)
 
 
-def evaluate(
+def task_accuracy(
     model: MambaLM,
     task,
     length: int | None = None,
@@ -142,7 +132,7 @@ def evaluate(
 ) -> dict:
     """Accuracy over `num` fresh sequences: the fraction of scored tokens predicted right (16 per
     sequence for Selective Copying, 1 for Induction Heads). `task` is a task object from
-    mamba_jax.tasks, or a task name together with `length`.
+    mamba_jax.training.tasks, or a task name together with `length`.
 
     Memory is bounded at every length: a batch holds at most max(1, batch_tokens // length)
     sequences on the host, and the device sees chunk_tokens tokens at a time."""
@@ -150,7 +140,7 @@ def evaluate(
 
     if isinstance(task, str):
         if length is None:
-            raise ValueError(f"evaluate({task!r}, ...) needs a length")
+            raise ValueError(f"task_accuracy({task!r}, ...) needs a length")
         task = make_task(task, length, model.config.vocab_size)
     task_name, length = task.name, task.seq_len
     if num < 1 or batch < 1:
@@ -197,7 +187,7 @@ def run(model, task_name, lengths, num, batch, chunk_tokens, scan_impl, seed, ou
         longest = max(lengths)
         b = min(batch, num, max(1, batch_tokens // longest))
         scan_impl = fastest_scan_impl(model, b, pick_chunk(longest, b, chunk_tokens))
-    model = with_scan_impl(model, scan_impl)
+    model = with_config(model, scan_impl=scan_impl)
     predictor = TailPredictor(model, model.config.vocab_size)
     result = {
         "task": task_name,
@@ -213,7 +203,7 @@ def run(model, task_name, lengths, num, batch, chunk_tokens, scan_impl, seed, ou
         "results": [],
     }
     for length in lengths:
-        row = evaluate(
+        row = task_accuracy(
             model, task_name, length, num, batch=batch, chunk_tokens=chunk_tokens,
             batch_tokens=batch_tokens, seed=seed, predictor=predictor,
         )  # fmt: skip
@@ -243,10 +233,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    from mamba_jax.checkpoint import read_config, restore_model
+    from mamba_jax.training.checkpoint import read_run_config, restore_model
 
-    model, _ = restore_model(args.checkpoint)
-    config, step = read_config(args.checkpoint)
+    config, step = read_run_config(args.checkpoint)
+    model, _ = restore_model(args.checkpoint, step)
     trained_on = getattr(config.data, "task", None)
     if trained_on not in (None, args.task):
         raise ValueError(f"--task {args.task}, but the checkpoint was trained on {trained_on}")

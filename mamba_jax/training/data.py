@@ -25,8 +25,10 @@ import sysconfig
 import grain
 import numpy as np
 
-from mamba_jax.config import DataConfig
+from mamba_jax import sharding as shd
 from mamba_jax.tokenizer import load_tokenizer
+from mamba_jax.training.run_config import Config, DataConfig
+from mamba_jax.training.tasks import task_eval_batches, task_train_dataset
 
 TOKEN_SUFFIXES = (".bin",)
 
@@ -199,3 +201,32 @@ def eval_batches(tokens, seq_len: int, global_batch: int, n_batches: int, proces
         rows = [windows[i] for i in idx]
         out.append({k: np.stack([r[k] for r in rows]) for k in ("inputs", "targets")})
     return out
+
+
+def build_data(config: Config, pid: int, nproc: int, log=print):
+    """(training iterator, validation batches, tokenizer or None, bytes per token or None)."""
+    tc, dc = config.train, config.data
+    if dc.task is not None:
+        vocab = config.model.vocab_size
+        train = task_train_dataset(dc.task, tc.seq_len, vocab, tc.batch_size, dc.seed, pid, nproc)
+        val = task_eval_batches(dc.task, tc.seq_len, vocab, tc.batch_size, tc.eval_batches,
+                                dc.seed, pid, nproc)  # fmt: skip
+        log(f"data: synthetic task {dc.task}, length {tc.seq_len}")
+        return iter(train), val, None, None
+    corpus = load_corpus(dc, config.model.vocab_size)
+    train = train_dataset(corpus.train_tokens, tc.seq_len, tc.batch_size, dc.seed, pid, nproc)
+    val = eval_batches(corpus.val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches, pid, nproc)
+    log(f"data: {len(corpus.train_tokens):,} training / {len(corpus.val_tokens):,} validation "
+        f"tokens, vocab {corpus.tokenizer.vocab_size}")  # fmt: skip
+    return iter(train), val, corpus.tokenizer, corpus.bytes_per_token
+
+
+def check_batch(config: Config, mesh):
+    """The micro-batch must split evenly over the data x fsdp devices."""
+    train, shards = config.train, shd.batch_divisor(mesh)
+    micro = train.batch_size // train.grad_accum
+    if micro % shards:
+        raise ValueError(
+            f"train.batch_size / train.grad_accum = {micro} must be a multiple of the data x fsdp "
+            f"mesh size {shards} (mesh {dict(mesh.shape)})"
+        )

@@ -1,5 +1,5 @@
-"""The pieces train.py assembles: sharded model/optimizer state, the jitted train and eval steps,
-the learning-rate schedule, MFU, and the metrics writers.
+"""The train state and step: sharded model/optimizer state, the one loss, the jitted train and
+eval steps, and the learning-rate schedule.
 
 The train state is a plain pytree, so jit, Orbax and the sharding rules all see the same thing:
     {"params": nested dict of arrays (nnx.to_pure_dict of the MambaLM),
@@ -11,10 +11,7 @@ step on machines without them.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,28 +20,9 @@ import optax
 from flax import nnx
 
 from mamba_jax import sharding as shd
-from mamba_jax.config import MambaConfig, TrainConfig
-from mamba_jax.model import MambaLM
-
-# Dense bf16 peak per chip, for MFU (BENCHMARKS.md uses 989 TFLOP/s for the H100).
-PEAK_FLOPS = {
-    "h100": 989e12,
-    "h200": 989e12,
-    "gh200": 989e12,
-    "a100": 312e12,
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v6 lite": 918e12,
-    "tpu v6e": 918e12,
-}
-
-
-def abstract_model(model_config: MambaConfig):
-    """(graphdef, abstract nnx.State) of a MambaLM, allocating nothing."""
-    model = nnx.eval_shape(lambda: MambaLM(model_config, rngs=nnx.Rngs(0)))
-    return nnx.split(model)
+from mamba_jax.config import MambaConfig
+from mamba_jax.model import MambaLM, abstract_model
+from mamba_jax.training.run_config import TrainConfig
 
 
 def pure(tree):
@@ -88,10 +66,10 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )  # fmt: skip
 
 
-def state_shardings(model_config: MambaConfig, tx, mesh):
+def train_state_shardings(model_config: MambaConfig, tx, mesh):
     """(graphdef, abstract train state, NamedSharding tree of the same structure)."""
-    graphdef, abstract = abstract_model(model_config)
-    param_shardings = pure(shd.state_shardings(abstract, mesh))
+    graphdef, abstract = nnx.split(abstract_model(model_config))
+    param_shardings = pure(shd.param_shardings(abstract, mesh))
     params = pure(abstract)
     opt_abstract = jax.eval_shape(tx.init, params)
     opt_shardings = _mirror_shardings(opt_abstract, params, param_shardings, mesh)
@@ -124,7 +102,7 @@ def _mirror_shardings(opt_abstract, params, param_shardings, mesh):
 
 def init_state(model_config: MambaConfig, tx, mesh, seed: int):
     """Builds the train state directly in its sharded layout (no host-side full copy)."""
-    graphdef, abstract_state, shardings = state_shardings(model_config, tx, mesh)
+    graphdef, abstract_state, shardings = train_state_shardings(model_config, tx, mesh)
 
     def init():
         params = pure(nnx.split(MambaLM(model_config, rngs=nnx.Rngs(seed)))[1])
@@ -145,7 +123,10 @@ def loss_terms(graphdef, params, batch):
     batch: inputs (b, l) int32, targets (b, l) int32, and optionally mask (b, l) float32 (1 where
     a position counts; synthetic tasks score only some positions)."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"])  # (b, l, v) float32
+    logits = model(batch["inputs"])  # (b, l, v_pad) float32
+    vocab = model.config.vocab_size
+    if vocab < logits.shape[-1]:  # padded vocab rows get no probability mass
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (b, l)
     mask = batch.get("mask")
     mask = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
@@ -218,6 +199,22 @@ def make_eval_step(graphdef, shardings, mesh):
     )
 
 
+def eval_loss(eval_step, params, batches, mesh, bytes_per_token=None, with_accuracy=False) -> dict:
+    """Mean loss over `batches` (per-process numpy batches), as {"eval_loss", and "eval_bpb"
+    (bits per byte) when bytes_per_token is known, and "eval_accuracy" when asked}."""
+    total = count = correct = 0.0
+    for batch in batches:
+        t, c, k = jax.device_get(eval_step(params, global_batch(batch, mesh)))
+        total, count, correct = total + float(t), count + float(c), correct + float(k)
+    loss = total / max(count, 1.0)
+    out = {"eval_loss": loss}
+    if bytes_per_token:  # nats per token -> bits per byte
+        out["eval_bpb"] = loss / math.log(2) / bytes_per_token
+    if with_accuracy:
+        out["eval_accuracy"] = correct / max(count, 1.0)
+    return out
+
+
 def global_batch(local_batch: dict, mesh) -> dict:
     """Per-process numpy arrays (b / P, ...) -> global jax.Arrays (b, ...) over data x fsdp."""
     sharding = shd.batch_sharding(mesh)
@@ -225,78 +222,3 @@ def global_batch(local_batch: dict, mesh) -> dict:
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }
-
-
-def count_params(params) -> int:
-    return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(params))
-
-
-def peak_flops(device=None) -> float | None:
-    kind = (device or jax.devices()[0]).device_kind.lower()
-    for name, flops in PEAK_FLOPS.items():
-        if name in kind:
-            return flops
-    return None
-
-
-def mfu(n_params: int, tokens_per_sec: float, num_devices: int, device=None) -> float | None:
-    """Model FLOPs utilisation by the 6N rule (BENCHMARKS.md); None on unknown devices (CPU)."""
-    peak = peak_flops(device)
-    if peak is None:
-        return None
-    return 6.0 * n_params * tokens_per_sec / (peak * num_devices)
-
-
-class MetricsWriter:
-    """metrics.jsonl (one object per logged step) and TensorBoard events, from process 0 only.
-
-    `start_step` is the step the run starts from: records after it (logged by an earlier run
-    that died before its next checkpoint) are dropped, so a resumed run's metrics.jsonl holds
-    each step once, in order. A fresh run (start_step 0) starts a fresh file."""
-
-    def __init__(self, directory: str, tensorboard: bool = True, start_step: int = 0):
-        self.enabled = jax.process_index() == 0
-        self.tb = None
-        if not self.enabled:
-            return
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "metrics.jsonl")
-        kept = []
-        if os.path.exists(path) and start_step > 0:
-            with open(path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by a kill
-                        continue
-                    if record.get("step", 0) <= start_step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        self.jsonl = open(path, "w")  # noqa: SIM115
-        self.jsonl.writelines(kept)
-        self.jsonl.flush()
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(directory, "tensorboard"))
-
-    def write(self, step: int, metrics: dict):
-        if not self.enabled:
-            return
-        record = {"step": int(step), "time": time.time()}
-        record.update({k: (None if v is None else float(v)) for k, v in metrics.items()})
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for key, value in metrics.items():
-                if value is not None:
-                    self.tb.add_scalar(key, float(value), int(step))
-
-    def text(self, tag: str, text: str, step: int):
-        if self.tb is not None:
-            self.tb.add_text(tag, text, int(step))
-
-    def close(self):
-        if self.enabled:
-            self.jsonl.close()
-            if self.tb is not None:
-                self.tb.close()

@@ -21,7 +21,9 @@ import threading
 import jax
 import orbax.checkpoint as ocp
 
-from mamba_jax.config import CheckpointConfig, Config, config_from_dict
+from mamba_jax.loading import read_run_config_dict, restore_run_model
+from mamba_jax.model import MambaLM
+from mamba_jax.training.run_config import CheckpointConfig, Config, config_from_dict
 
 ITEMS = ("params", "train", "data", "config")
 
@@ -114,50 +116,20 @@ class Checkpointer:
         self.manager.close()
 
 
-def read_config(directory: str, step: int | None = None) -> tuple[Config, int]:
+def read_run_config(directory: str, step: int | None = None) -> tuple[Config, int]:
     """The Config saved with a checkpoint (latest step by default) and that step."""
-    manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
-        item_handlers={"config": ocp.JsonCheckpointHandler()},
-    )
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"no complete checkpoint under {directory!r}")
-    tree = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    manager.close()
+    tree, step = read_run_config_dict(directory, step)
     return config_from_dict(tree), step
 
 
-def restore_model(checkpoint_dir: str, step: int | None = None, mesh=None):
+def restore_model(checkpoint_dir: str, step: int | None = None, mesh=None) -> tuple[MambaLM, Config]:
     """Rebuilds the MambaLM of a training run from its latest (or given) checkpoint.
 
-    Returns (model, model_config). Parameters land replicated on `mesh` (default: all local
+    Returns (model, the run's Config). Parameters land replicated on `mesh` (default: all local
     devices in one data axis), whatever mesh the run was trained on.
     """
-    from flax import nnx
-
-    from mamba_jax import sharding as shd
-    from mamba_jax.config import MeshConfig
-    from mamba_jax.trainer import abstract_model, pure
-
-    config, step = read_config(checkpoint_dir, step)
-    graphdef, abstract = abstract_model(config.model)
-    params = pure(abstract)
-    if mesh is None:
-        mesh = shd.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.local_devices())
-    shardings = jax.tree.map(lambda _: shd.replicated(mesh), params)
-    manager = ocp.CheckpointManager(
-        os.path.abspath(checkpoint_dir),
-        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
-        item_handlers={"params": ocp.StandardCheckpointHandler()},
-    )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params, shardings))),
-    )["params"]
-    manager.close()
-    return nnx.merge(graphdef, restored), config.model
+    model, step = restore_run_model(checkpoint_dir, step, mesh)
+    return model, read_run_config(checkpoint_dir, step)[0]
 
 
 class PreemptionFlag:
