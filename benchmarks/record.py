@@ -37,8 +37,13 @@ def git_commit(cwd: str | None = None) -> str | None:
         return os.environ["MAMBA_JAX_COMMIT"]
     cwd = cwd or os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=cwd,
-                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "--verify", "-q", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     commit = out.stdout.strip()
@@ -66,8 +71,9 @@ def header(benchmark: str, config: dict | None = None) -> dict:
 class Record:
     """Collects rows under a header and rewrites `path` (when given) after each one."""
 
-    def __init__(self, benchmark: str, path: str | os.PathLike | None = None,
-                 config: dict | None = None):  # fmt: skip
+    def __init__(
+        self, benchmark: str, path: str | os.PathLike | None = None, config: dict | None = None
+    ):
         self.data = {**header(benchmark, config), "rows": []}
         self.path = None if path is None else pathlib.Path(path)
 
@@ -90,8 +96,10 @@ def rivals_dir(arg: str | None = None) -> pathlib.Path | None:
         return None
     path = pathlib.Path(path)
     if not (path / "unpack.sh").is_file():
-        raise ValueError(f"--rivals {str(path)!r} must be a folder holding unpack.sh and the "
-                         "rivals' runner scripts")  # fmt: skip
+        raise ValueError(
+            f"--rivals {str(path)!r} must be a folder holding unpack.sh and the "
+            "rivals' runner scripts"
+        )
     return path
 
 
@@ -100,14 +108,27 @@ def run_rival(rivals: pathlib.Path, script: str, args=(), timeout: float = 1800)
     JSON it writes under $OUT, or {"error": ...} when it fails."""
     dest = pathlib.Path(os.environ.get("MAMBA_JAX_RIVALS_UNPACKED", "/tmp/anchors"))
     if not (dest / "site").is_dir():
-        subprocess.run(["bash", str(rivals / "unpack.sh"), str(dest)], check=True,
-                       capture_output=True, text=True)  # fmt: skip
+        subprocess.run(
+            ["bash", str(rivals / "unpack.sh"), str(dest)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     repo = pathlib.Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as out:
-        env = dict(os.environ, OUT=out, MAMBA_EXT=str(dest),
-                   PYTHONPATH=os.pathsep.join([str(dest / "site"), str(repo)]))  # fmt: skip
-        proc = subprocess.run([sys.executable, str(rivals / script), *map(str, args)], env=env,
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        env = dict(
+            os.environ,
+            OUT=out,
+            MAMBA_EXT=str(dest),
+            PYTHONPATH=os.pathsep.join([str(dest / "site"), str(repo)]),
+        )
+        proc = subprocess.run(
+            [sys.executable, str(rivals / script), *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         written = list(pathlib.Path(out).glob("*.json"))
         if proc.returncode != 0 or not written:
             return {"error": f"{script} exited {proc.returncode}: {proc.stderr[-800:]}"}

@@ -84,14 +84,20 @@ def config_from_hf_dict(raw: dict, source: str = "config.json") -> tuple[MambaCo
         if not raw.get("tie_word_embeddings", True):
             raise ValueError(f"{source}: tie_word_embeddings=false is not supported (tied head)")
         config = MambaConfig(
-            d_model=_get(raw, "hidden_size", source), n_layer=_get(raw, "num_hidden_layers", source),
-            vocab_size=_get(raw, "vocab_size", source), d_state=raw.get("state_size", 16),
-            d_conv=raw.get("conv_kernel", 4), expand=raw.get("expand", 2),
-            dt_rank_=_rank(raw.get("time_step_rank")), norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-            bias=bool(raw.get("use_bias", False)), conv_bias=bool(raw.get("use_conv_bias", True)),
-            dt_min=raw.get("time_step_min", 1e-3), dt_max=raw.get("time_step_max", 1e-1),
+            d_model=_get(raw, "hidden_size", source),
+            n_layer=_get(raw, "num_hidden_layers", source),
+            vocab_size=_get(raw, "vocab_size", source),
+            d_state=raw.get("state_size", 16),
+            d_conv=raw.get("conv_kernel", 4),
+            expand=raw.get("expand", 2),
+            dt_rank_=_rank(raw.get("time_step_rank")),
+            norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+            bias=bool(raw.get("use_bias", False)),
+            conv_bias=bool(raw.get("use_conv_bias", True)),
+            dt_min=raw.get("time_step_min", 1e-3),
+            dt_max=raw.get("time_step_max", 1e-1),
             dt_init_floor=raw.get("time_step_floor", 1e-4),
-        )  # fmt: skip
+        )
         inner = raw.get("intermediate_size")
         if inner is not None and inner != config.d_inner:
             raise ValueError(
@@ -112,15 +118,21 @@ def config_from_hf_dict(raw: dict, source: str = "config.json") -> tuple[MambaCo
         if not raw.get("tie_embeddings", True):
             raise ValueError(f"{source}: tie_embeddings=false is not supported (tied head)")
         config = MambaConfig(
-            d_model=_get(raw, "d_model", source), n_layer=_get(raw, "n_layer", source),
-            vocab_size=_get(raw, "vocab_size", source), d_state=ssm.get("d_state", 16),
-            d_conv=ssm.get("d_conv", 4), expand=ssm.get("expand", 2),
-            dt_rank_=_rank(ssm.get("dt_rank")), norm_eps=raw.get("norm_epsilon", 1e-5),
-            bias=bool(ssm.get("bias", False)), conv_bias=bool(ssm.get("conv_bias", True)),
-            dt_min=ssm.get("dt_min", 1e-3), dt_max=ssm.get("dt_max", 1e-1),
+            d_model=_get(raw, "d_model", source),
+            n_layer=_get(raw, "n_layer", source),
+            vocab_size=_get(raw, "vocab_size", source),
+            d_state=ssm.get("d_state", 16),
+            d_conv=ssm.get("d_conv", 4),
+            expand=ssm.get("expand", 2),
+            dt_rank_=_rank(ssm.get("dt_rank")),
+            norm_eps=raw.get("norm_epsilon", 1e-5),
+            bias=bool(ssm.get("bias", False)),
+            conv_bias=bool(ssm.get("conv_bias", True)),
+            dt_min=ssm.get("dt_min", 1e-3),
+            dt_max=ssm.get("dt_max", 1e-1),
             dt_init_floor=ssm.get("dt_init_floor", 1e-4),
             pad_vocab_size_multiple=raw.get("pad_vocab_size_multiple", 8),
-        )  # fmt: skip
+        )
         return config, "original"
     raise ValueError(
         f"{source} is neither an HF Mamba config (hidden_size, num_hidden_layers, vocab_size) nor "
@@ -134,19 +146,34 @@ def config_to_hf_dict(config: MambaConfig) -> dict:
     rescale_prenorm_residual is an initialisation setting, but transformers 5.23 applies it to
     loaded weights too (out_proj / sqrt(n_layer)), so the export always says false."""
     return {
-        "architectures": ["MambaForCausalLM"], "model_type": "mamba",
-        "vocab_size": config.vocab_size, "hidden_size": config.d_model,
-        "num_hidden_layers": config.n_layer, "state_size": config.d_state,
-        "conv_kernel": config.d_conv, "expand": config.expand,
-        "intermediate_size": config.d_inner, "time_step_rank": config.dt_rank,
-        "layer_norm_epsilon": config.norm_eps, "use_bias": config.bias,
-        "use_conv_bias": config.conv_bias, "hidden_act": "silu", "residual_in_fp32": True,
-        "time_step_min": config.dt_min, "time_step_max": config.dt_max,
-        "time_step_floor": config.dt_init_floor, "time_step_scale": 1.0,
-        "time_step_init_scheme": "random", "rescale_prenorm_residual": False,
-        "tie_word_embeddings": True, "use_cache": True,
-        "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "dtype": config.param_dtype,
-    }  # fmt: skip
+        "architectures": ["MambaForCausalLM"],
+        "model_type": "mamba",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer,
+        "state_size": config.d_state,
+        "conv_kernel": config.d_conv,
+        "expand": config.expand,
+        "intermediate_size": config.d_inner,
+        "time_step_rank": config.dt_rank,
+        "layer_norm_epsilon": config.norm_eps,
+        "use_bias": config.bias,
+        "use_conv_bias": config.conv_bias,
+        "hidden_act": "silu",
+        "residual_in_fp32": True,
+        "time_step_min": config.dt_min,
+        "time_step_max": config.dt_max,
+        "time_step_floor": config.dt_init_floor,
+        "time_step_scale": 1.0,
+        "time_step_init_scheme": "random",
+        "rescale_prenorm_residual": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 0,
+        "dtype": config.param_dtype,
+    }
 
 
 class _Reader:
@@ -222,7 +249,7 @@ class _Reader:
 
 
 def dtype_name(dtype) -> str:
-    """"float32", "bfloat16" or "float16" from any spelling jnp.dtype takes; else ValueError."""
+    """ "float32", "bfloat16" or "float16" from any spelling jnp.dtype takes; else ValueError."""
     try:
         name = jnp.dtype(dtype).name
     except TypeError:

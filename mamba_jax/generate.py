@@ -117,10 +117,14 @@ def generate_main(argv=None) -> str:
     t0 = time.perf_counter()
     with _CompileTimer() as timer:
         out = generate(
-            model, jnp.asarray([ids], jnp.int32), args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            model,
+            jnp.asarray([ids], jnp.int32),
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
             rng=jax.random.key(args.seed),
-        )  # fmt: skip
+        )
         new = jax.device_get(out)[0, len(ids) :].tolist()
     total_s = time.perf_counter() - t0
     compile_s = min(timer.seconds, total_s)

@@ -340,9 +340,17 @@ def selective_scan(
         import pallas_kernels
 
         y, h = pallas_kernels.selective_scan_pallas(
-            u, delta, A, B, C, D, z, delta_bias,
-            delta_softplus=delta_softplus, initial_state=initial_state,
-        )  # fmt: skip
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            delta_softplus=delta_softplus,
+            initial_state=initial_state,
+        )
         return (y, h) if return_final_state else y
 
     dt = _step_size(delta, delta_bias, delta_softplus)
@@ -358,8 +366,9 @@ def selective_scan(
     return (y, h) if return_final_state else y
 
 
-def selective_scan_step(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, state,
-                        delta_softplus=False):  # fmt: skip
+def selective_scan_step(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, *, state, delta_softplus=False
+):
     """One recurrent step for decoding: the reference scan's step on one token.
 
     u, delta, z: (b, e); B, C: (b, n) or (b, g, n); state: (b, e, n) f32. Returns (y (b, e), new state).

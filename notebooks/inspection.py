@@ -124,8 +124,19 @@ def _run_impl(impl, args, interpret):
     return y, h, f"selective_scan(..., impl={impl!r}) on {jax.default_backend()}"
 
 
-def scan_agreement(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
-                   impls=("associative", "pallas"), interpret=None) -> dict:  # fmt: skip
+def scan_agreement(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    *,
+    impls=("associative", "pallas"),
+    interpret=None,
+) -> dict:
     """Runs each implementation of the selective scan (delta_softplus=True) on the same inputs
     and compares it with impl="reference".
 
@@ -163,10 +174,12 @@ def token_kinds(task, inputs):
     """(b, l) labels "noise", "marker" or "data" of a SelectiveCopying batch's inputs (b, l)."""
     inputs = np.asarray(inputs)
     if inputs.ndim != 2 or not np.issubdtype(inputs.dtype, np.integer):
-        raise ValueError(f"inputs must be an integer array of shape (b, l), "
-                         f"got {inputs.dtype} {inputs.shape}")  # fmt: skip
-    return np.where(inputs == task.noise, "noise",
-                    np.where(inputs == task.marker, "marker", "data"))  # fmt: skip
+        raise ValueError(
+            f"inputs must be an integer array of shape (b, l), got {inputs.dtype} {inputs.shape}"
+        )
+    return np.where(
+        inputs == task.noise, "noise", np.where(inputs == task.marker, "marker", "data")
+    )
 
 
 def mean_by_kind(values, kinds) -> dict:
@@ -174,8 +187,9 @@ def mean_by_kind(values, kinds) -> dict:
     over the positions with that label, shape (...)}, labels in order of first appearance."""
     values, kinds = np.asarray(values, np.float64), np.asarray(kinds)
     if values.shape[:2] != kinds.shape:
-        raise ValueError(f"kinds must have shape values.shape[:2]={values.shape[:2]}, "
-                         f"got {kinds.shape}")  # fmt: skip
+        raise ValueError(
+            f"kinds must have shape values.shape[:2]={values.shape[:2]}, got {kinds.shape}"
+        )
     return {k: values[kinds == k].mean(axis=0) for k in dict.fromkeys(kinds.ravel().tolist())}
 
 
@@ -313,14 +327,24 @@ def fit_task(model, task, *, steps, batch_size, lr=3e-3, seed=0, log_every=25):
 
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps=} {batch_size=}")
-    config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=task.seq_len, lr=lr,
-                         warmup_steps=min(100, steps // 10 + 1), seed=seed)  # fmt: skip
+    config = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=task.seq_len,
+        lr=lr,
+        warmup_steps=min(100, steps // 10 + 1),
+        seed=seed,
+    )
     mesh = shd.make_mesh(MeshConfig(data=1), jax.devices()[:1])
     tx = trainer.make_optimizer(config)
     graphdef, _, shardings = trainer.train_state_shardings(model.config, tx, mesh)
     params = trainer.pure(nnx.state(model))
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(seed))}  # fmt: skip
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+    }
     state = jax.device_put(state, shardings)
     train_step = trainer.make_train_step(graphdef, tx, config, shardings, mesh)
     eval_step = trainer.make_eval_step(graphdef, shardings, mesh)
@@ -330,9 +354,14 @@ def fit_task(model, task, *, steps, batch_size, lr=3e-3, seed=0, log_every=25):
         state, metrics = train_step(state, batch)
         if step % log_every == 0 or step == steps:
             _, count, correct = eval_step(state["params"], batch)
-            history.append({"step": step, "loss": float(metrics["loss"]),
-                            "accuracy": float(correct) / max(float(count), 1.0),
-                            "seconds": time.perf_counter() - start})  # fmt: skip
+            history.append(
+                {
+                    "step": step,
+                    "loss": float(metrics["loss"]),
+                    "accuracy": float(correct) / max(float(count), 1.0),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
     trained = nnx.state(model)
     nnx.replace_by_pure_dict(trained, state["params"])
     nnx.update(model, trained)

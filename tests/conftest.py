@@ -93,14 +93,26 @@ def corpus(tmp_path):
 def train_args(tmp_path, ckpt_dir, **overrides) -> list[str]:
     """train.py arguments for a 2-layer d_model 32 model on `corpus`, plus `overrides`."""
     base = {
-        "data.train_path": corpus(tmp_path), "data.val_fraction": 0.25,
-        "model.d_model": 32, "model.n_layer": 2, "model.vocab_size": 257,
-        "model.scan_impl": "reference", "mesh.data": -1,
-        "train.batch_size": 8, "train.seq_len": 32, "train.lr": 3e-3, "train.warmup_steps": 2,
-        "train.log_every": 1, "train.eval_every": 1000, "train.eval_batches": 1,
-        "train.sample_tokens": 0, "train.tensorboard": False, "train.progress": False,
-        "checkpoint.dir": str(ckpt_dir), "checkpoint.async_save": True,
-    }  # fmt: skip
+        "data.train_path": corpus(tmp_path),
+        "data.val_fraction": 0.25,
+        "model.d_model": 32,
+        "model.n_layer": 2,
+        "model.vocab_size": 257,
+        "model.scan_impl": "reference",
+        "mesh.data": -1,
+        "train.batch_size": 8,
+        "train.seq_len": 32,
+        "train.lr": 3e-3,
+        "train.warmup_steps": 2,
+        "train.log_every": 1,
+        "train.eval_every": 1000,
+        "train.eval_batches": 1,
+        "train.sample_tokens": 0,
+        "train.tensorboard": False,
+        "train.progress": False,
+        "checkpoint.dir": str(ckpt_dir),
+        "checkpoint.async_save": True,
+    }
     base.update(overrides)
     return ["--config", str(ROOT / "configs" / "tiny.yaml")] + [f"{k}={v}" for k, v in base.items()]
 
@@ -112,9 +124,12 @@ def run_train(argv, *, expect_ok=True, env=None, timeout=600):
     exit fails the test with train.py's stderr."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *map(str, argv)],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )  # fmt: skip
+    )
     if expect_ok:
         assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     summary = None

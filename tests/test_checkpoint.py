@@ -51,13 +51,16 @@ def test_resume_gives_identical_losses(tmp_path):
     # An earlier step folder loads that step's weights, not the latest.
     model_k = load_model(str(straight / str(k)))
     k_leaf = jax.tree.leaves(nnx.state(model_k))[0]
-    assert not np.array_equal(np.asarray(k_leaf), np.asarray(jax.tree.leaves(nnx.state(model_a))[0]))
+    assert not np.array_equal(
+        np.asarray(k_leaf), np.asarray(jax.tree.leaves(nnx.state(model_a))[0])
+    )
 
 
 def _start(cmd):
     env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _wait_for(predicate, proc, timeout=240):

@@ -80,8 +80,12 @@ def test_training_checkpoint_dir(tmp_path, capsys):
     tok_file = os.path.join(HF, "tokenizer.json")
     params = pure(nnx.state(MambaLM(model_cfg, rngs=nnx.Rngs(7)), nnx.Param))
     # train.py's items; restoring a model reads only the params and the run's config.
-    state = {"params": params, "opt_state": {"count": jnp.zeros((), jnp.int32)},
-             "step": jnp.asarray(5, jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}  # fmt: skip
+    state = {
+        "params": params,
+        "opt_state": {"count": jnp.zeros((), jnp.int32)},
+        "step": jnp.asarray(5, jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(0)),
+    }
     run = Config(model=model_cfg, data=DataConfig(tokenizer=tok_file))
     ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path / "run")), with_data=False)
     ckpt.save(5, state, config=run, force=True)
@@ -142,9 +146,19 @@ def test_command_line_errors_are_one_line(tmp_path):
         main(["--model", HF, "--prompt", "x", "--max-new-tokens", "0"])
     # The module entry point itself: exit status 1 and the message, no traceback.
     proc = subprocess.run(
-        [sys.executable, "-m", "mamba_jax.generate", "--model", str(tmp_path / "x"), "--prompt",
-         "hi"], capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mamba_jax.generate",
+            "--model",
+            str(tmp_path / "x"),
+            "--prompt",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "Warning" not in proc.stderr, proc.stderr  # nor runpy's note on the module name
     assert "error: --model must be a directory" in proc.stderr

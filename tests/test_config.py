@@ -11,8 +11,13 @@ from tests.conftest import ROOT
 
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 # Official parameter counts (tied embedding, vocab padded to 50280), in millions.
-OFFICIAL_M = {"mamba_130m": 129, "mamba_370m": 372, "mamba_790m": 793, "mamba_1.4b": 1372,
-              "mamba_2.8b": 2768}  # fmt: skip
+OFFICIAL_M = {
+    "mamba_130m": 129,
+    "mamba_370m": 372,
+    "mamba_790m": 793,
+    "mamba_1.4b": 1372,
+    "mamba_2.8b": 2768,
+}
 
 
 def test_presets_exist():
@@ -37,9 +42,16 @@ def test_defaults_and_overrides():
     assert load_config(None) == Config()
     config = load_config(
         os.path.join(ROOT, "configs", "tiny.yaml"),
-        ["train.steps=7", "train.lr=1e-4", "checkpoint.dir=/tmp/x", "data.tokenizer=null",
-         "mesh.data=2", "mesh.fsdp=-1", "model.remat=true"],
-    )  # fmt: skip
+        [
+            "train.steps=7",
+            "train.lr=1e-4",
+            "checkpoint.dir=/tmp/x",
+            "data.tokenizer=null",
+            "mesh.data=2",
+            "mesh.fsdp=-1",
+            "model.remat=true",
+        ],
+    )
     assert (
         config.train.steps == 7 and config.train.lr == 1e-4 and isinstance(config.train.lr, float)
     )

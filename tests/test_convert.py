@@ -109,10 +109,22 @@ def test_save_matches_fixture_and_round_trips_bitwise(hf_model, tmp_path):
         json.loads((tmp_path / "config.json").read_text()),
         json.load(open(f"{HF}/config.json")),
     )
-    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "state_size", "conv_kernel",
-                "expand", "intermediate_size", "time_step_rank", "layer_norm_epsilon",
-                "use_bias", "use_conv_bias", "tie_word_embeddings", "model_type",
-                "rescale_prenorm_residual"):  # fmt: skip
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "vocab_size",
+        "state_size",
+        "conv_kernel",
+        "expand",
+        "intermediate_size",
+        "time_step_rank",
+        "layer_norm_epsilon",
+        "use_bias",
+        "use_conv_bias",
+        "tie_word_embeddings",
+        "model_type",
+        "rescale_prenorm_residual",
+    ):
         assert cfg[key] == ref[key], key
     again = load_pretrained(tmp_path)
     a, b = _params(hf_model), _params(again)
@@ -310,18 +322,42 @@ def _edited_hf_dir(tmp_path, edit=None, config=None):
 @pytest.mark.parametrize(
     "edit, config, match",
     [
-        (lambda sd: sd.pop("backbone.layers.1.mixer.A_log"), None, "missing the key 'backbone.layers.1.mixer.A_log'"),
-        (lambda sd: sd.update({"backbone.layers.0.mixer.D": np.ones(5, np.float32)}), None, r"'backbone.layers.0.mixer.D' must have shape \(96,\), got \(5,\)"),
-        (lambda sd: sd.update({"backbone.layers.0.mixer.dt_bias": np.ones(96, np.float32)}), None, "does not use.*dt_bias"),
-        (lambda sd: sd.update({"lm_head.weight": sd["backbone.embeddings.weight"] + 1}), None, "only tied heads"),
-        (lambda sd: sd.update({"backbone.embeddings.weight": np.zeros((50, 48), np.float32)}), None, "embeddings.weight' must have shape"),
-        (lambda sd: sd.update({"backbone.norm_f.weight": np.ones(48, np.int32)}), None, "must be a float tensor"),
+        (
+            lambda sd: sd.pop("backbone.layers.1.mixer.A_log"),
+            None,
+            "missing the key 'backbone.layers.1.mixer.A_log'",
+        ),
+        (
+            lambda sd: sd.update({"backbone.layers.0.mixer.D": np.ones(5, np.float32)}),
+            None,
+            r"'backbone.layers.0.mixer.D' must have shape \(96,\), got \(5,\)",
+        ),
+        (
+            lambda sd: sd.update({"backbone.layers.0.mixer.dt_bias": np.ones(96, np.float32)}),
+            None,
+            "does not use.*dt_bias",
+        ),
+        (
+            lambda sd: sd.update({"lm_head.weight": sd["backbone.embeddings.weight"] + 1}),
+            None,
+            "only tied heads",
+        ),
+        (
+            lambda sd: sd.update({"backbone.embeddings.weight": np.zeros((50, 48), np.float32)}),
+            None,
+            "embeddings.weight' must have shape",
+        ),
+        (
+            lambda sd: sd.update({"backbone.norm_f.weight": np.ones(48, np.int32)}),
+            None,
+            "must be a float tensor",
+        ),
         (None, {"state_size": 8}, "must have shape"),
         (None, {"model_type": "mamba2"}, "model_type must be 'mamba'"),
         (None, {"hidden_act": "gelu"}, "hidden_act"),
         (None, {"intermediate_size": 100}, "intermediate_size=100"),
     ],
-)  # fmt: skip
+)
 def test_malformed_hf_dirs_raise_clear_errors(tmp_path, edit, config, match):
     with pytest.raises(ValueError, match=match):
         load_pretrained(_edited_hf_dir(tmp_path, edit, config))
@@ -357,14 +393,31 @@ def test_malformed_files_raise_clear_errors(tmp_path):
 def test_config_of_the_released_hf_checkpoints():
     # The fields of state-spaces/mamba-130m-hf's config.json (it carries both naming schemes).
     raw = {
-        "architectures": ["MambaForCausalLM"], "model_type": "mamba", "d_model": 768,
-        "hidden_size": 768, "n_layer": 24, "num_hidden_layers": 24, "d_inner": 1536,
-        "intermediate_size": 1536, "expand": 2, "conv_kernel": 4, "state_size": 16,
-        "time_step_rank": 48, "layer_norm_epsilon": 1e-05, "use_bias": False,
-        "use_conv_bias": True, "vocab_size": 50280, "pad_vocab_size_multiple": 8, "ssm_cfg": {},
-        "rms_norm": True, "fused_add_norm": True, "residual_in_fp32": True,
-        "torch_dtype": "float32", "hidden_act": "silu", "time_step_floor": 0.0001,
-    }  # fmt: skip
+        "architectures": ["MambaForCausalLM"],
+        "model_type": "mamba",
+        "d_model": 768,
+        "hidden_size": 768,
+        "n_layer": 24,
+        "num_hidden_layers": 24,
+        "d_inner": 1536,
+        "intermediate_size": 1536,
+        "expand": 2,
+        "conv_kernel": 4,
+        "state_size": 16,
+        "time_step_rank": 48,
+        "layer_norm_epsilon": 1e-05,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "vocab_size": 50280,
+        "pad_vocab_size_multiple": 8,
+        "ssm_cfg": {},
+        "rms_norm": True,
+        "fused_add_norm": True,
+        "residual_in_fp32": True,
+        "torch_dtype": "float32",
+        "hidden_act": "silu",
+        "time_step_floor": 0.0001,
+    }
     cfg, fmt = config_from_hf_dict(raw)
     assert fmt == "hf" and (cfg.d_model, cfg.n_layer, cfg.vocab_size) == (768, 24, 50280)
     assert cfg.dt_rank == 48 and cfg.d_inner == 1536 and cfg.padded_vocab_size == 50280
@@ -417,7 +470,10 @@ def test_transformers_loads_the_export(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, script, "export", str(tmp_path)], check=True, timeout=600)
     proc = subprocess.run(
-        [python, script, "check", str(tmp_path)], capture_output=True, text=True, timeout=600,
+        [python, script, "check", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env=env,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stdout + proc.stderr[-2000:]

@@ -71,8 +71,11 @@ def test_uint32_token_files_and_separate_validation_file(tmp_path):
     tokens = (np.arange(600, dtype=np.uint32) * 1009) % 100_000  # ids above uint16's range
     tokens[:300].tofile(tmp_path / "train.bin")
     tokens[300:].tofile(tmp_path / "val.bin")
-    config = DataConfig(train_path=str(tmp_path / "train.bin"), val_path=str(tmp_path / "val.bin"),
-                        token_dtype="uint32")  # fmt: skip
+    config = DataConfig(
+        train_path=str(tmp_path / "train.bin"),
+        val_path=str(tmp_path / "val.bin"),
+        token_dtype="uint32",
+    )
     corpus = data.load_corpus(config)
     assert corpus.train_tokens.dtype == np.uint32 and int(corpus.train_tokens.max()) > 65535
     np.testing.assert_array_equal(corpus.val_tokens, tokens[300:])
@@ -80,8 +83,9 @@ def test_uint32_token_files_and_separate_validation_file(tmp_path):
     assert batch["inputs"].dtype == np.int32 and int(batch["inputs"].max()) > 65535
     # format=tokens reads any suffix as a token file
     (tmp_path / "train.tok").write_bytes(tokens[:300].tobytes())
-    forced = data.load_corpus(DataConfig(train_path=str(tmp_path / "train.tok"), format="tokens",
-                                         token_dtype="uint32"))  # fmt: skip
+    forced = data.load_corpus(
+        DataConfig(train_path=str(tmp_path / "train.tok"), format="tokens", token_dtype="uint32")
+    )
     np.testing.assert_array_equal(forced.train_tokens, tokens[:285])  # 5% tail held out
 
 
@@ -94,8 +98,9 @@ def test_tokenizer_json(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "docs").mkdir()
     directory = write_files(tmp_path / "docs", ["def x return y", "def y", "x x z"])
-    config = DataConfig(train_path=directory, tokenizer=str(tmp_path / "tokenizer.json"),
-                        val_fraction=0.34, seed=0)  # fmt: skip
+    config = DataConfig(
+        train_path=directory, tokenizer=str(tmp_path / "tokenizer.json"), val_fraction=0.34, seed=0
+    )
     corpus = data.load_corpus(config, vocab_size=8)
     assert corpus.tokenizer.vocab_size == 6 and corpus.tokenizer.eos_id == 1
     stream = sorted(np.concatenate([corpus.train_tokens, corpus.val_tokens]).tolist())

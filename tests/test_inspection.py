@@ -84,8 +84,9 @@ def test_discretize_rejects_bad_arguments():
 
 @pytest.mark.parametrize("selective", [True, False])
 def test_intermediates_rebuild_every_block(selective, assert_close):
-    cfg = MambaConfig(d_model=16, n_layer=3, vocab_size=29, scan_impl="reference",
-                      selective=selective)  # fmt: skip
+    cfg = MambaConfig(
+        d_model=16, n_layer=3, vocab_size=29, scan_impl="reference", selective=selective
+    )
     model = MambaLM(cfg, rngs=nnx.Rngs(3))
     ids = jax.random.randint(jax.random.key(5), (2, 11), 0, cfg.vocab_size)
     got = ssm_intermediates(model, ids)
@@ -99,8 +100,18 @@ def test_intermediates_rebuild_every_block(selective, assert_close):
     for i in range(L):
         assert_close(got.dt[i], jax.nn.softplus(got.delta[i] + bias[i]))
         # Layer i's output is its input plus out_proj of the scan run on the captured inputs.
-        y = selective_scan(got.u[i], got.delta[i], -jnp.exp(A_log[i]), got.B[i], got.C[i], D[i],
-                           got.z[i], bias[i], delta_softplus=True, impl="reference")  # fmt: skip
+        y = selective_scan(
+            got.u[i],
+            got.delta[i],
+            -jnp.exp(A_log[i]),
+            got.B[i],
+            got.C[i],
+            D[i],
+            got.z[i],
+            bias[i],
+            delta_softplus=True,
+            impl="reference",
+        )
         assert_close(got.hidden[i + 1], got.hidden[i] + y @ out_kernel[i])
     assert_close(got.hidden[0], model.embedding(ids))
     if not selective:

@@ -22,21 +22,43 @@ def _free_port():
 
 
 def _launch(argv, devices, extra_env=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(extra_env or {}))  # fmt: skip
-    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        **(extra_env or {}),
+    )
+    return subprocess.Popen(
+        [sys.executable, "train.py", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _run_pair(tmp_path, ckpt, stop_at):
     port = _free_port()
     procs = [
-        _launch(args(tmp_path, ckpt, **{
-            "train.steps": 6, "train.stop_at": stop_at, "checkpoint.every": 2,
-            "distributed.coordinator_address": f"localhost:{port}",
-            "distributed.num_processes": 2, "distributed.process_id": pid}), devices=2)
+        _launch(
+            args(
+                tmp_path,
+                ckpt,
+                **{
+                    "train.steps": 6,
+                    "train.stop_at": stop_at,
+                    "checkpoint.every": 2,
+                    "distributed.coordinator_address": f"localhost:{port}",
+                    "distributed.num_processes": 2,
+                    "distributed.process_id": pid,
+                },
+            ),
+            devices=2,
+        )
         for pid in range(2)
-    ]  # fmt: skip
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
@@ -51,8 +73,11 @@ def test_two_processes_train_save_and_resume(tmp_path, assert_close):
     # One Grain state file per process: each reads its own half of every batch.
     data_dir = os.path.join(ckpt, "4", "data")
     assert len([f for f in os.listdir(data_dir) if f.startswith("process_")]) == 2, data_dir
-    states = [json.load(open(os.path.join(data_dir, f))) for f in sorted(os.listdir(data_dir))
-              if f.startswith("process_")]  # fmt: skip
+    states = [
+        json.load(open(os.path.join(data_dir, f)))
+        for f in sorted(os.listdir(data_dir))
+        if f.startswith("process_")
+    ]
     assert len(states) == 2
 
     outs = _run_pair(tmp_path, ckpt, stop_at=6)
@@ -63,8 +88,9 @@ def test_two_processes_train_save_and_resume(tmp_path, assert_close):
     assert sorted(multi) == sorted(single) == list(range(1, 7))
     # The global batch assembled from both processes equals the one-process batch, so the losses
     # agree (up to the order of cross-process sums).
-    assert_close(np.asarray([multi[s] for s in range(1, 7)]),
-                 np.asarray([single[s] for s in range(1, 7)]))  # fmt: skip
+    assert_close(
+        np.asarray([multi[s] for s in range(1, 7)]), np.asarray([single[s] for s in range(1, 7)])
+    )
 
 
 def test_distributed_init_is_wanted_only_when_the_environment_says_so():

@@ -66,15 +66,19 @@ def test_runs_top_to_bottom(path, kernel_specs):
     nb = nbformat.read(path, as_version=4)
     km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs)
     client = NotebookClient(
-        nb, km=km, timeout=TIME_LIMIT_S, startup_timeout=120,
+        nb,
+        km=km,
+        timeout=TIME_LIMIT_S,
+        startup_timeout=120,
         resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
-    )  # fmt: skip
+    )
     start = time.perf_counter()
     client.execute()
     elapsed = time.perf_counter() - start
     assert elapsed < TIME_LIMIT_S, f"{path.name} took {elapsed:.0f} s at small sizes"
     if any("MAMBA_NB_SMALL" in c.source for c in nb.cells):
         # The kernel's environment reached the notebook: it ran at the small sizes.
-        printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                          for o in c.outputs)  # fmt: skip
+        printed = "".join(
+            o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+        )
         assert "small sizes: True" in printed, f"{path.name} did not run at small sizes"

@@ -29,8 +29,9 @@ def make_inputs(key, b, l, e, n, groups, dtype, with_extras=True):
     return x
 
 
-def numpy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
-               softplus=True):  # fmt: skip
+def numpy_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, softplus=True
+):
     """DESIGN.md's recurrence written out literally, in float64."""
     f = lambda a: None if a is None else np.asarray(jnp.asarray(a, jnp.float32), np.float64)
     u, delta, A, B, C, D, z, bias, h = map(f, (u, delta, A, B, C, D, z, delta_bias, initial_state))
@@ -199,8 +200,10 @@ def test_associative_backward_memory_is_bounded(monkeypatch):
     monkeypatch.setattr(scan_mod, "DEFAULT_CHUNK", 128)
     mem = fwd_bwd_temp_bytes()
     full = 2 * 4096 * 256 * 16 * 4  # one (b, l, e, n) float32 tensor
-    print(f"fwd+bwd temp bytes: chunked {mem['chunked'] / 2**20:.1f} MiB, "
-          f"naive {mem['naive'] / 2**20:.1f} MiB, one (b,l,e,n) tensor {full / 2**20:.0f} MiB")  # fmt: skip
+    print(
+        f"fwd+bwd temp bytes: chunked {mem['chunked'] / 2**20:.1f} MiB, "
+        f"naive {mem['naive'] / 2**20:.1f} MiB, one (b,l,e,n) tensor {full / 2**20:.0f} MiB"
+    )
     assert mem["chunked"] < full, mem
     assert mem["chunked"] * 8 < mem["naive"], mem
 
@@ -213,9 +216,13 @@ def test_scan_step_matches_scan(assert_close):
     for t in range(4):
         step = {k: x[k][:, t] for k in ("u", "delta", "B", "C", "z")}
         yt, state = scan_mod.selective_scan_step(
-            **step, A=x["A"], D=x["D"], delta_bias=x["delta_bias"], state=state,
+            **step,
+            A=x["A"],
+            D=x["D"],
+            delta_bias=x["delta_bias"],
+            state=state,
             delta_softplus=True,
-        )  # fmt: skip
+        )
         ys.append(yt)
     assert_close(jnp.stack(ys, 1), y)
     assert_close(state, h)

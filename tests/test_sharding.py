@@ -24,7 +24,10 @@ def test_mesh_shape_fill_and_errors():
         shd.mesh_shape(MeshConfig(data=2, fsdp=2, tensor=1), 8)
     mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     assert mesh.axis_names == shd.MESH_AXES and dict(mesh.shape) == {
-        "data": 2, "fsdp": 2, "tensor": 2}  # fmt: skip
+        "data": 2,
+        "fsdp": 2,
+        "tensor": 2,
+    }
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
@@ -54,9 +57,17 @@ def test_decay_mask():
     mixer = mask["layers"]["mixer"]
     assert mixer["in_proj"]["kernel"] and mixer["out_proj"]["kernel"] and mixer["x_proj"]["kernel"]
     assert mixer["dt_proj"]["kernel"] and mixer["conv1d"]["kernel"]
-    assert not any([mixer["A_log"], mixer["D"], mixer["conv1d"]["bias"], mixer["dt_proj"]["bias"],
-                    mask["layers"]["norm"]["weight"], mask["norm_f"]["weight"],
-                    mask["embedding"]["embedding"]])  # fmt: skip
+    assert not any(
+        [
+            mixer["A_log"],
+            mixer["D"],
+            mixer["conv1d"]["bias"],
+            mixer["dt_proj"]["bias"],
+            mask["layers"]["norm"]["weight"],
+            mask["norm_f"]["weight"],
+            mask["embedding"]["embedding"],
+        ]
+    )
 
 
 def test_lr_schedule_warmup_cosine_floor():
@@ -90,14 +101,16 @@ def _train(mesh_config, train_config, steps=2, devices=None):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_sharded_step_equals_unsharded(assert_close, accum):
     """Two mesh shapes (FSDP x tensor, and all three axes) against one device."""
-    config = TrainConfig(steps=10, batch_size=8, seq_len=16, warmup_steps=1, grad_accum=accum,
-                         lr=1e-2)  # fmt: skip
+    config = TrainConfig(
+        steps=10, batch_size=8, seq_len=16, warmup_steps=1, grad_accum=accum, lr=1e-2
+    )
     ref_losses, ref_params, _ = _train(MeshConfig(data=1, fsdp=1, tensor=1), config, devices=1)
     for shape in [(1, 4, 2), (2, 2, 2)]:
         losses, params, state = _train(MeshConfig(*shape), config)
         assert_close(np.asarray(losses), np.asarray(ref_losses), err_msg=f"loss {shape}")
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
-                                jax.tree.leaves(ref_params)):  # fmt: skip
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)
+        ):
             assert_close(a, b, grad=True, err_msg=f"{shape} {jax.tree_util.keystr(path)}")
         kernel = state["params"]["layers"]["mixer"]["in_proj"]["kernel"]
         assert kernel.sharding.spec == P(None, "fsdp", "tensor")

@@ -67,8 +67,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, data_iterator=None, config: Config | None = None,
-             force: bool = False) -> bool:  # fmt: skip
+    def save(
+        self,
+        step: int,
+        state: dict,
+        data_iterator=None,
+        config: Config | None = None,
+        force: bool = False,
+    ) -> bool:
         """Starts an (async) save of `state` at `step`; returns whether one was started."""
         import grain
 
@@ -122,7 +128,9 @@ def read_run_config(directory: str, step: int | None = None) -> tuple[Config, in
     return config_from_dict(tree), step
 
 
-def restore_model(checkpoint_dir: str, step: int | None = None, mesh=None) -> tuple[MambaLM, Config]:
+def restore_model(
+    checkpoint_dir: str, step: int | None = None, mesh=None
+) -> tuple[MambaLM, Config]:
     """Rebuilds the MambaLM of a training run from its latest (or given) checkpoint.
 
     Returns (model, the run's Config). Parameters land replicated on `mesh` (default: all local

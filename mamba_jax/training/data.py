@@ -174,8 +174,14 @@ def _check_length(tokens, seq_len, what):
         )
 
 
-def train_dataset(tokens, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:  # fmt: skip
+def train_dataset(
+    tokens,
+    seq_len: int,
+    global_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
     """Endless shuffled batches for this process: inputs, targets (global_batch / P, l) int32."""
     _check_length(tokens, seq_len, "training")
     if global_batch % process_count:
@@ -189,8 +195,14 @@ def train_dataset(tokens, seq_len: int, global_batch: int, seed: int, process_in
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
 
-def eval_batches(tokens, seq_len: int, global_batch: int, n_batches: int, process_index: int = 0,
-                 process_count: int = 1) -> list[dict]:  # fmt: skip
+def eval_batches(
+    tokens,
+    seq_len: int,
+    global_batch: int,
+    n_batches: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict]:
     """A fixed list of validation batches for this process; windows wrap when the split is short."""
     _check_length(tokens, seq_len, "validation")
     windows = TokenWindows(tokens, seq_len)
@@ -209,15 +221,18 @@ def build_data(config: Config, pid: int, nproc: int, log=print):
     if dc.task is not None:
         vocab = config.model.vocab_size
         train = task_train_dataset(dc.task, tc.seq_len, vocab, tc.batch_size, dc.seed, pid, nproc)
-        val = task_eval_batches(dc.task, tc.seq_len, vocab, tc.batch_size, tc.eval_batches,
-                                dc.seed, pid, nproc)  # fmt: skip
+        val = task_eval_batches(
+            dc.task, tc.seq_len, vocab, tc.batch_size, tc.eval_batches, dc.seed, pid, nproc
+        )
         log(f"data: synthetic task {dc.task}, length {tc.seq_len}")
         return iter(train), val, None, None
     corpus = load_corpus(dc, config.model.vocab_size)
     train = train_dataset(corpus.train_tokens, tc.seq_len, tc.batch_size, dc.seed, pid, nproc)
     val = eval_batches(corpus.val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches, pid, nproc)
-    log(f"data: {len(corpus.train_tokens):,} training / {len(corpus.val_tokens):,} validation "
-        f"tokens, vocab {corpus.tokenizer.vocab_size}")  # fmt: skip
+    log(
+        f"data: {len(corpus.train_tokens):,} training / {len(corpus.val_tokens):,} validation "
+        f"tokens, vocab {corpus.tokenizer.vocab_size}"
+    )
     return iter(train), val, corpus.tokenizer, corpus.bytes_per_token
 
 

@@ -205,27 +205,43 @@ def _local_batch(global_batch: int, process_count: int) -> int:
     return global_batch // process_count
 
 
-def task_train_dataset(name: str, seq_len: int, vocab_size: int, global_batch: int, seed: int,
-                       process_index: int = 0, process_count: int = 1):  # fmt: skip
+def task_train_dataset(
+    name: str,
+    seq_len: int,
+    vocab_size: int,
+    global_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+):
     """Endless batches of fresh examples for this process (global_batch / process_count rows)."""
     import grain
 
     return task_dataset(
-        make_task(name, seq_len, vocab_size), seed=seed,
+        make_task(name, seq_len, vocab_size),
+        seed=seed,
         batch_size=_local_batch(global_batch, process_count),
-        shard_index=process_index, shard_count=process_count,
+        shard_index=process_index,
+        shard_count=process_count,
         read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=4),
-    )  # fmt: skip
+    )
 
 
-def task_eval_batches(name: str, seq_len: int, vocab_size: int, global_batch: int,
-                      n_batches: int, seed: int, process_index: int = 0,
-                      process_count: int = 1) -> list[dict[str, np.ndarray]]:  # fmt: skip
+def task_eval_batches(
+    name: str,
+    seq_len: int,
+    vocab_size: int,
+    global_batch: int,
+    n_batches: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
     """A fixed validation set for this process, from a seed stream training never reads."""
     task, local = make_task(name, seq_len, vocab_size), _local_batch(global_batch, process_count)
     return [
         task_batch(
             task, seed + VALIDATION_SEED_OFFSET, b * global_batch + process_index * local, local
-        )  # fmt: skip
+        )
         for b in range(n_batches)
     ]
