@@ -32,8 +32,15 @@ class BlockSizes:
     tile: tokens per pipeline step (one SMEM tile of every (l, e) input).
     sub: tokens whose states the backward keeps in registers at once (divides tile); rounded up to
       a multiple of 32 / n_block, the tokens per channel-sum round of dB and dC.
-    chunks: sequence chunks run in parallel (None: enough to give every SM several blocks).
-    target_blocks: blocks aimed for when choosing chunks automatically.
+    chunks: sequence chunks run in parallel, forward and backward (None: automatic, see
+      split_below and target_blocks).
+    target_blocks: blocks aimed for when the sequence is split automatically.
+    split_below: with chunks=None, the forward splits the sequence only when batch x channel
+      blocks are fewer than this (two thirds of the SMs); the backward always splits towards
+      target_blocks. 0: the forward always splits too.
+    unroll: token loops as straight-line code (static token indices), so the compiler overlaps
+      the loads and exponentials of a tile's tokens; False keeps a loop per tile.
+    stages: input tiles in flight in the TMA pipeline (max_concurrent_steps), at least 2.
     bwd_reduce: how the backward sums the per-channel dB, dC products over a block's channels.
       "smem" (default): the products go to SMEM, state-major (conflict-free stores), and a
       WGMMA-layout load sums them every 32 / n_block tokens.
@@ -48,8 +55,13 @@ class BlockSizes:
     chunks: int | None = None
     target_blocks: int = 6 * NUM_SMS_HOPPER
     bwd_reduce: str = "smem"
+    split_below: int = 2 * NUM_SMS_HOPPER // 3
+    unroll: bool = True
+    stages: int = 2
 
     def __post_init__(self):
+        if self.stages < 2:
+            raise ValueError(f"BlockSizes: stages={self.stages} must be at least 2")
         if self.sub is not None and (self.tile < 1 or self.sub < 1 or self.tile % self.sub):
             raise ValueError(f"BlockSizes: {self.sub=} must divide {self.tile=}, both positive")
         if self.bwd_reduce not in BWD_REDUCE:
@@ -75,6 +87,15 @@ class Plan:
     n_chunks: int
     n_split: int = 1  # d_state above 16 runs as n_split independent 16-state scans
     bwd_reduce: str = "smem"  # see BlockSizes; resolved (never "shuffle" where it cannot run)
+    unroll: bool = False  # token loops unrolled in Python (straight-line code per tile)
+    stages: int = 2  # pipeline depth of the input tiles (max_concurrent_steps)
+    bwd_chunks: int = 1  # sequence chunks of the backward (n_chunks is the forward's)
+
+    def backward(self):
+        """The plan the backward kernels run under: the same tiles, its own chunks."""
+        return dataclasses.replace(
+            self, n_chunks=self.bwd_chunks, tiles_per_chunk=self.n_tiles // self.bwd_chunks
+        )
 
     @property
     def length_pad(self):
@@ -110,20 +131,27 @@ def make_plan(b, length, e, n, g, block_sizes: BlockSizes) -> Plan:
         raise ValueError(f"BlockSizes: tile={tile} must be a multiple of sub={sub}")
     n_tiles = -(-length // tile)
     blocks = b * g * (p_pad // W)
-    chunks = block_sizes.chunks
-    if chunks is None:
-        chunks = max(1, -(-block_sizes.target_blocks // blocks))
     # Chunks split the tiles exactly: every TMA copy then stays inside its batch row. (A copy past
     # the end of l is not clipped per dimension once the batch index is folded into the address:
     # it would spill into the next batch row.) Take the divisor of n_tiles nearest the target.
     divisors = [d for d in range(1, n_tiles + 1) if n_tiles % d == 0]
-    chunks = min(divisors, key=lambda d: (abs(math.log(d / chunks)), -d))
+    nearest = lambda c: min(divisors, key=lambda d: (abs(math.log(d / c)), -d))
+    split = nearest(max(1, -(-block_sizes.target_blocks // blocks)))
+    if block_sizes.chunks is not None:
+        chunks = bwd_chunks = nearest(block_sizes.chunks)
+    else:
+        # The forward runs in one pass (no state pre-pass, no combine, every exponential once)
+        # when batch x channel blocks alone come near to filling the GPU; the backward, at the
+        # register cap with two blocks per SM, always splits (NOTES.md, variants 5-6).
+        chunks = 1 if blocks >= block_sizes.split_below > 0 else split
+        bwd_chunks = split
     tiles_per_chunk = n_tiles // chunks
     reduce = block_sizes.bwd_reduce
     if reduce == "shuffle" and (tile * 2 * n_pad) % W:
         reduce = "smem"
     return Plan(b, length, e, n, g, g * p_pad, n_pad, tile, sub, n_tiles, tiles_per_chunk,
-                chunks, n_split, reduce)  # fmt: skip
+                chunks, n_split, reduce, block_sizes.unroll, block_sizes.stages,
+                bwd_chunks)  # fmt: skip
 
 
 def pad_channels(x, plan: Plan, axis):
@@ -196,6 +224,20 @@ def zeros_state(n):
 
 def zeros_row():
     return plgpu.layout_cast(jnp.zeros((W,), jnp.float32), ROW)
+
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def token_loop(n_tokens, step, carry, unroll):
+    """carry = step(t, carry) for t in 0..n_tokens-1: straight-line code with static t when
+    unroll (the compiler can then overlap the tokens' loads and exponentials), else a loop."""
+    if unroll:
+        for t in range(n_tokens):
+            carry = step(t, carry)
+        return carry
+    return jax.lax.fori_loop(0, n_tokens, step, carry)
 
 
 def softplus(x):

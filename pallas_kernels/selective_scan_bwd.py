@@ -87,7 +87,8 @@ def _warp_sums(pc, pb, red_s, t, n, interpret):
 
 
 def adjoint_pass(delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, interpret=False):
-    """Pass 1: each chunk backwards from G = 0. Returns G at each chunk's start (b, c, e, n)."""
+    """Pass 1: each chunk backwards from G = 0. Returns G at each chunk's start (b, c, e, n) and
+    each chunk's sum of dt (b, c, e), which gives the chunk's decay exp(A sum dt)."""
     T, n = plan.tile, plan.n_pad
     epg, tpc = plan.eblocks_per_group, plan.tiles_per_chunk
     has_z = z is not None
@@ -96,7 +97,7 @@ def adjoint_pass(delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, int
         it = iter(refs)
         d_g = next(it)
         z_g = next(it) if has_z else None
-        gy_g, C_g, A_g, bias_g, gloc_g, g_s = (next(it) for _ in range(6))
+        gy_g, C_g, A_g, bias_g, gloc_g, dts_g, g_s, dts_s = (next(it) for _ in range(8))
         bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
         e0 = pl.multiple_of(eb * W, W)
         A_r = cm.load_state(A_g.at[pl.ds(e0, W)])
@@ -105,12 +106,13 @@ def adjoint_pass(delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, int
 
         def body(idx, *srefs):
             if has_z:
-                d_s, z_s, gy_s, C_s, G = srefs
+                d_s, z_s, gy_s, C_s, carry = srefs
             else:
-                (d_s, gy_s, C_s, G), z_s = srefs, None
+                (d_s, gy_s, C_s, carry), z_s = srefs, None
             tile_idx = last - idx[0]
 
-            def step(i, G):
+            def step(i, carry):
+                G, dts = carry
                 t = T - 1 - i
                 valid = tile_idx * T + t < plan.length
                 dt, _ = cm.discretize(cm.load_row(d_s.at[t]), bias, valid, delta_softplus)
@@ -119,31 +121,40 @@ def adjoint_pass(delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, int
                     zz = cm.load_row(z_s.at[t])
                     gys = gys * zz * cm.sigmoid(zz)
                 lam = G + cm.rows(gys, n) * cm.cols(cm.load_col(C_s.at[t]))
-                return jnp.exp(cm.rows(dt, n) * A_r) * lam
+                return jnp.exp2(cm.rows(dt, n) * A_r) * lam, dts + dt
 
-            G = jax.lax.fori_loop(0, T, step, G)
+            carry = cm.token_loop(T, step, carry, plan.unroll)
             # The pipeline refills this SMEM slot right after the body: all warps must be done.
             plgpu.commit_smem()
-            return G
+            return carry
 
         tok = pl.BlockSpec((None, T, W), lambda i: (bi, last - i, eb))
         bc = pl.BlockSpec((None, T, None, n), lambda i: (bi, last - i, eb // epg, 0))
         specs = [tok] + ([tok] if has_z else []) + [tok, bc]
         ops = (d_g,) + ((z_g,) if has_z else ()) + (gy_g, C_g)
-        G = plgpu.emit_pipeline(
-            body, grid=(tpc,), in_specs=specs, max_concurrent_steps=2, init_carry=cm.zeros_state(n)
+        G, dts = plgpu.emit_pipeline(
+            body,
+            grid=(tpc,),
+            in_specs=specs,
+            max_concurrent_steps=plan.stages,
+            init_carry=(cm.zeros_state(n), cm.zeros_row()),
         )(*ops)
         g_s[...] = G
+        dts_s[...] = dts
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(g_s, gloc_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.copy_smem_to_gmem(dts_s, dts_g.at[bi, ci, pl.ds(e0, W)])
         plgpu.wait_smem_to_gmem(0)
 
     b, c, e = plan.b, plan.n_chunks, plan.e_pad
     ops = (delta,) + ((z,) if has_z else ()) + (gy, C, A, bias)
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((b, c, e, n), jnp.float32),
-        scratch_types=[plgpu.SMEM((W, n), jnp.float32)],
+        out_type=(
+            jax.ShapeDtypeStruct((b, c, e, n), jnp.float32),
+            jax.ShapeDtypeStruct((b, c, e), jnp.float32),
+        ),
+        scratch_types=[plgpu.SMEM((W, n), jnp.float32), plgpu.SMEM((W,), jnp.float32)],
         grid=(b, plan.n_eblocks, c),
         grid_names=("b", "e", "c"),
         compiler_params=cm.compiler_params(),
@@ -209,7 +220,7 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
 
             def step(h, t, tok):
                 dt, _, uu = tok
-                a = jnp.exp(cm.rows(dt, n) * A_r)
+                a = jnp.exp2(cm.rows(dt, n) * A_r)
                 return a * h + cm.rows(dt * uu, n) * cm.cols(cm.load_col(B_s.at[t]))
 
             def advance(h, t):
@@ -218,7 +229,7 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
             # Forward sweep over the tile from its saved start state; keep every K-th state.
             h = cm.load_state(ck_s)
             for k in range(1, T // K):
-                h = jax.lax.fori_loop((k - 1) * K, k * K, lambda t, h: advance(h, t), h)
+                h = cm.token_loop(K, lambda j, h, k=k: advance(h, (k - 1) * K + j), h, plan.unroll)
                 sub_s[k - 1] = h
 
             for k in reversed(range(T // K)):
@@ -263,9 +274,10 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
                     s = jnp.sum(lam * cm.cols(Bt), axis=1)  # dL/d(dt u)
                     # Same value as in the recompute above; the compiler merges the two (keeping
                     # it in a list compiled to identical registers and spills; NOTES.md, 4b).
-                    a = jnp.exp(cm.rows(dt, n) * A_r)
+                    a = jnp.exp2(cm.rows(dt, n) * A_r)
                     g_da = lam * h_prev * a  # dL/d(dt A)
-                    d_dt = (uu * s + jnp.sum(g_da * A_r, axis=1)) * ddt
+                    # A_r is A log2(e): sum(g_da A) = ln 2 sum(g_da A_r).
+                    d_dt = (uu * s + cm.LN2 * jnp.sum(g_da * A_r, axis=1)) * ddt
                     du_s[slot, t] = (dt * s + Dv * gys).astype(du_s.dtype)
                     dd_s[slot, t] = d_dt.astype(dd_s.dtype)
                     dA_acc = dA_acc + g_da * cm.rows(dt, n)
@@ -294,7 +306,7 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
         ops = (u_g, d_g) + ((z_g,) if has_z else ()) + (B_g, C_g, gy_g, ck_g)
         init = (G0, cm.zeros_state(n), cm.zeros_row(), cm.zeros_row())
         G, dA_acc, dD_acc, db_acc = plgpu.emit_pipeline(
-            body, grid=(tpc,), in_specs=specs, max_concurrent_steps=2, init_carry=init
+            body, grid=(tpc,), in_specs=specs, max_concurrent_steps=plan.stages, init_carry=init
         )(*ops)
         plgpu.wait_smem_to_gmem(0)
         plgpu.commit_smem()  # the sub_s slots are reused below
@@ -347,15 +359,19 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
     )(*ops)
 
 
-def backward(u, delta, z, B, C, A, D, bias, ckpt, dt_sum, gy, gh, plan: cm.Plan, *,
+def backward(u, delta, z, B, C, A, D, bias, ckpt, gy, gh, plan: cm.Plan, *,
              delta_softplus, grad_dtype=None, interpret=False):  # fmt: skip
-    """All gradients on padded operands. gy: (b, l, e) cotangent of y; gh: (b, e, n) of the final
-    state. Returns (du, d_delta, dz or None, dB, dC (b, l, g, n) f32, dA, dD, d_bias, dh0)."""
+    """All gradients on padded operands. A is pre-scaled by log2(e), as for `forward`; dA is the
+    gradient with respect to the unscaled A. gy: (b, l, e) cotangent of y; gh: (b, e, n) of the final
+    state; ckpt: the forward's state at every tile start (b, n_tiles, e, n). Runs under
+    plan.backward(), whose chunks need not be the forward's. Returns (du, d_delta, dz or None,
+    dB, dC (b, l, g, n) f32, dA, dD, d_bias, dh0)."""
+    plan = plan.backward()
     if plan.n_chunks > 1:
-        g_loc = adjoint_pass(
+        g_loc, dt_sum = adjoint_pass(
             delta, z, gy, C, A, bias, plan, delta_softplus=delta_softplus, interpret=interpret
         )
-        decay = jnp.exp(dt_sum[..., None] * A)  # (b, c, e, n)
+        decay = jnp.exp2(dt_sum[..., None] * A)  # (b, c, e, n)
         flip = lambda x: jnp.flip(x, axis=1)
         G_end = flip(cm.chunk_combine(flip(decay), flip(g_loc), gh))
     else:

@@ -55,10 +55,10 @@ def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, interpret
                 h, dts = carry
                 dt, uu = _step_inputs(plan, (u_s, d_s), t, tile_idx, bias, delta_softplus)
                 Bt = cm.load_col(B_s.at[t])  # (n,)
-                h = jnp.exp(cm.rows(dt, n) * A_r) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
+                h = jnp.exp2(cm.rows(dt, n) * A_r) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
                 return h, dts + dt
 
-            carry = jax.lax.fori_loop(0, T, step, carry)
+            carry = cm.token_loop(T, step, carry, plan.unroll)
             # The pipeline refills this SMEM slot right after the body: all warps must be done.
             plgpu.commit_smem()
             return carry
@@ -71,7 +71,7 @@ def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, interpret
                 pl.BlockSpec((None, T, W), lambda i: (bi, tile0 + i, eb)),
                 pl.BlockSpec((None, T, None, n), lambda i: (bi, tile0 + i, eb // epg, 0)),
             ],
-            max_concurrent_steps=2,
+            max_concurrent_steps=plan.stages,
             init_carry=(cm.zeros_state(n), cm.zeros_row()),
         )(u_g, d_g, B_g)
         h_s[...] = h
@@ -140,18 +140,23 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
                 ck_s[slot] = h
             ys = y_s.at[slot]
 
-            def step(t, h):
+            def step(t, carry):
+                h, out = carry
                 dt, uu = _step_inputs(plan, (u_s, d_s), t, tile_idx, bias, delta_softplus)
                 Bt, Ct = cm.load_col(B_s.at[t]), cm.load_col(C_s.at[t])  # (n,)
-                h = jnp.exp(cm.rows(dt, n) * A_r) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
+                h = jnp.exp2(cm.rows(dt, n) * A_r) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
                 y = jnp.sum(h * cm.cols(Ct), axis=1) + Dv * uu  # (W,)
                 if has_z:
                     zz = cm.load_row(z_s.at[t])
                     y = y * zz * cm.sigmoid(zz)
+                if plan.unroll:  # stored after the tile: no SMEM store between the loads
+                    return h, out + (y.astype(ys.dtype),)
                 ys[t] = y.astype(ys.dtype)
-                return h
+                return h, out
 
-            h_new = jax.lax.fori_loop(0, T, step, h)
+            h_new, out = cm.token_loop(T, step, (h, ()), plan.unroll)
+            for t, y in enumerate(out):
+                ys[t] = y
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(ys, y_g.at[bi, pl.ds(tile_idx * T, T), pl.ds(e0, W)])
             if save_checkpoints:
@@ -166,7 +171,7 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
             body,
             grid=(plan.tiles_per_chunk,),
             in_specs=in_specs,
-            max_concurrent_steps=2,
+            max_concurrent_steps=plan.stages,
             init_carry=h0,
         )(*operands)
         plgpu.wait_smem_to_gmem(0)
@@ -200,14 +205,15 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
 
 def forward(u, delta, z, B, C, A, D, bias, h0, plan: cm.Plan, *, delta_softplus,
             save_checkpoints, y_dtype=None, interpret=False):  # fmt: skip
-    """Both passes on padded operands. h0: (b, e, n) f32.
+    """Both passes on padded operands. h0: (b, e, n) f32; A: (e, n) f32, pre-scaled by log2(e)
+    (the kernels compute exp(dt A) as exp2(dt A log2 e)).
 
     Returns (y, final state (b, e, n), checkpoints or None, chunk dt sums (b, c, e) or None)."""
     if plan.n_chunks > 1:
         h_loc, dt_sum = state_pass(
             u, delta, B, A, bias, plan, delta_softplus=delta_softplus, interpret=interpret
         )
-        decay = jnp.exp(dt_sum[..., None] * A)  # (b, c, e, n)
+        decay = jnp.exp2(dt_sum[..., None] * A)  # (b, c, e, n)
         h_start = cm.chunk_combine(decay, h_loc, h0)
     else:
         h_start, dt_sum = h0[:, None], None

@@ -96,22 +96,34 @@ def check_against_reference(args, softplus, interpret, assert_close, block_sizes
 # Interpret mode on CPU: every feature, tiny shapes. Each case is one fwd + one bwd interpretation.
 
 INTERPRET_CASES = [
-    # dtype, b, L, e, n, groups (0: shared (b, l, n)), z, D, bias, h0, softplus, chunks,
-    # the backward's dB/dC channel sum
-    (jnp.float32, 1, 21, 128, 16, 0, True, True, True, True, True, 2, "shuffle"),
-    (jnp.bfloat16, 2, 11, 192, 5, 2, False, False, False, False, False, 1, "smem"),
-    (jnp.float16, 1, 9, 128, 20, 1, True, True, True, True, True, 2, "smem"),
-]
+    # dtype, b, L, e, n, groups (0: shared (b, l, n)), z, D, bias, h0, softplus, BlockSizes
+    (jnp.float32, 1, 21, 128, 16, 0, True, True, True, True, True,
+     dict(chunks=2, bwd_reduce="shuffle")),
+    (jnp.bfloat16, 2, 11, 192, 5, 2, False, False, False, False, False,
+     dict(chunks=1, unroll=False)),
+    (jnp.float16, 1, 9, 128, 20, 1, True, True, True, True, True, dict(chunks=2)),
+    # The default policy at a small size: the forward in one pass, the backward split in 3.
+    (jnp.float32, 1, 21, 128, 16, 0, True, True, True, True, True,
+     dict(split_below=1, stages=3)),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: f"{jnp.dtype(c[0]).name}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}-{c[12]}")  # fmt: skip
+def _case_id(c):
+    opts = "-".join(f"{k}{v}" for k, v in c[11].items())
+    return f"{jnp.dtype(c[0]).name}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}-{opts}"
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=_case_id)
 def test_interpret_matches_reference(case, assert_close):
-    dtype, b, length, e, n, groups, z, D, bias, h0, softplus, chunks, reduce = case
+    dtype, b, length, e, n, groups, z, D, bias, h0, softplus, opts = case
     args = make_args(
         0, b, length, e, n, groups, dtype, z=z, D=D, bias=bias, h0=h0, softplus=softplus
     )
-    bs = pk.BlockSizes(tile=8, chunks=chunks, bwd_reduce=reduce)
-    assert make_plan(b, length, e, n, 1, bs).bwd_reduce == reduce
+    bs = pk.BlockSizes(tile=8, **opts)
+    plan = make_plan(b, length, e, n, 1, bs)
+    assert plan.bwd_reduce == opts.get("bwd_reduce", "smem")
+    if "split_below" in opts:
+        assert (plan.n_chunks, plan.bwd_chunks) == (1, 3)
     check_against_reference(args, softplus, True, assert_close, block_sizes=bs)
 
 
@@ -124,6 +136,21 @@ def test_block_sizes_bwd_reduce():
     assert plan(8, tile=4, sub=4, bwd_reduce="shuffle").bwd_reduce == "smem"
     with pytest.raises(ValueError, match="bwd_reduce"):
         pk.BlockSizes(bwd_reduce="atomic")
+    with pytest.raises(ValueError, match="stages"):
+        pk.BlockSizes(stages=1)
+
+
+@pytest.mark.parametrize(
+    "b, e, length, fwd_chunks",
+    [(8, 1536, 2048, 1), (4, 4096, 2048, 1), (2, 2048, 16384, 32), (1, 1536, 131072, 64)],
+)
+def test_default_split_policy(b, e, length, fwd_chunks):
+    """The issue's S1-S4: the forward splits only when the blocks cannot fill the GPU; the
+    backward always splits towards target_blocks."""
+    plan = make_plan(b, length, e, 16, 1, pk.BlockSizes())
+    assert plan.n_chunks == fwd_chunks
+    assert plan.bwd_chunks > 1 and plan.backward().n_chunks == plan.bwd_chunks
+    assert plan.backward().tiles_per_chunk * plan.bwd_chunks == plan.n_tiles
 
 
 @pytest.mark.parametrize("length", [1, 30])
@@ -224,4 +251,4 @@ def test_gpu_gradients_are_deterministic():
 def test_gpu_auto_picks_pallas():
     from mamba_jax import scan
 
-    assert scan._resolve_impl("auto", 1, 64, 256, 16, 1, jnp.bfloat16) == "pallas"
+    assert scan.resolve_impl("auto", 1, 64, 256, 16, 1, jnp.bfloat16) == "pallas"
