@@ -1,6 +1,6 @@
 """The one record every benchmark writes, and the rivals' runner.
 
-A record is one JSON object:
+A record is one JSON object, one per file under `benchmarks/results/`:
 
     {"benchmark": "scan" | "train_throughput" | "decode" | "tasks",
      "device": "NVIDIA H200", "platform": "gpu", "jax": "0.11.2",
@@ -10,11 +10,24 @@ A record is one JSON object:
 
 Rows use one vocabulary: `shape`/`model`/`batch`/`length` for the point, `impl` for whose code ran
 ("ours", "jla", "mamba_ssm"), and times in `*_ms`, rates in `*_per_s`. `write` rewrites the whole
-file after every row, so a run cut short keeps what it measured.
+file after every row, so a run cut short keeps what it measured. A point that was not measured
+(out of memory, a time budget spent, a rival that does not support it) is still a row: its point
+keys and an `error` string instead of the measurements.
+
+The keys each benchmark's rows must have (`ROW_KEYS`; benchmarks/results.py rejects a record
+whose rows lack them), and the measurements it reads:
+
+| benchmark | point keys (every row) | measurements (rows without `error`) |
+|---|---|---|
+| scan | shape, batch, d_inner, length, d_state, impl | fwd_ms, fwd_bwd_ms; ours also scan_impl ("pallas", "associative", "reference") and variant (block sizes, "" for the default) |
+| train_throughput | model, gpus, batch, length, impl | tokens_per_s, step_ms; optional mfu, peak_gib, scan_impl |
+| decode | model, batch, impl, arch ("mamba" or "transformer") | tokens_per_s (new tokens over prefill + decode); optional decode_tokens_per_s (the token loop alone), generate_tokens_per_s (mamba_jax.generate) |
+| tasks | task, length | accuracy, chance |
 
 Rivals (the official CUDA/PyTorch package and jla) are optional: give their folder with `--rivals
 PATH` or `$MAMBA_JAX_RIVALS`. The folder holds their prebuilt packages and runner scripts (each
-writes `$OUT/<name>.json`); `run_rival` runs one script there in a subprocess and returns its JSON.
+writes `$OUT/<name>.json`); `run_rival` runs one script in a subprocess and returns its JSON, and
+`unpack_rivals` gives the folder where they are unpacked (its `site/` holds jla, importable).
 """
 
 from __future__ import annotations
@@ -28,6 +41,13 @@ import sys
 import tempfile
 
 BENCHMARKS = ("scan", "train_throughput", "decode", "tasks")
+HEADER_KEYS = ("benchmark", "device", "platform", "jax", "date", "commit", "config", "rows")
+ROW_KEYS = {
+    "scan": ("shape", "batch", "d_inner", "length", "d_state", "impl"),
+    "train_throughput": ("model", "gpus", "batch", "length", "impl"),
+    "decode": ("model", "batch", "impl", "arch"),
+    "tasks": ("task", "length"),
+}
 
 
 def git_commit(cwd: str | None = None) -> str | None:
@@ -78,6 +98,13 @@ class Record:
         self.path = None if path is None else pathlib.Path(path)
 
     def add(self, row: dict) -> dict:
+        missing = [k for k in ROW_KEYS[self.data["benchmark"]] if k not in row]
+        if missing:  # a warning, not an error: a GPU run keeps going and keeps its numbers
+            print(
+                f"warning: this {self.data['benchmark']} row lacks {missing}; "
+                "benchmarks/results.py will reject the record",
+                file=sys.stderr,
+            )
         self.data["rows"].append(dict(row))
         print(json.dumps(row), flush=True)
         self.write()
@@ -103,9 +130,9 @@ def rivals_dir(arg: str | None = None) -> pathlib.Path | None:
     return path
 
 
-def run_rival(rivals: pathlib.Path, script: str, args=(), timeout: float = 1800) -> dict:
-    """Unpacks the rivals (once per process) and runs `script` from their folder; returns the
-    JSON it writes under $OUT, or {"error": ...} when it fails."""
+def unpack_rivals(rivals: pathlib.Path) -> pathlib.Path:
+    """Unpacks the rivals (once per machine) into $MAMBA_JAX_RIVALS_UNPACKED (default
+    /tmp/anchors) and returns that folder: `site/` holds jla, `built/` the CUDA extensions."""
     dest = pathlib.Path(os.environ.get("MAMBA_JAX_RIVALS_UNPACKED", "/tmp/anchors"))
     if not (dest / "site").is_dir():
         subprocess.run(
@@ -114,6 +141,14 @@ def run_rival(rivals: pathlib.Path, script: str, args=(), timeout: float = 1800)
             capture_output=True,
             text=True,
         )
+    return dest
+
+
+def run_rival(rivals: pathlib.Path, script: str, args=(), timeout: float = 1800) -> dict:
+    """Unpacks the rivals and runs `script` (a file in their folder, or an absolute path: a
+    project script that drives a rival in its own process) with $OUT, $MAMBA_EXT and PYTHONPATH
+    set; returns the JSON it writes under $OUT, or {"error": ...} when it fails."""
+    dest = unpack_rivals(rivals)
     repo = pathlib.Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as out:
         env = dict(
@@ -122,13 +157,16 @@ def run_rival(rivals: pathlib.Path, script: str, args=(), timeout: float = 1800)
             MAMBA_EXT=str(dest),
             PYTHONPATH=os.pathsep.join([str(dest / "site"), str(repo)]),
         )
-        proc = subprocess.run(
-            [sys.executable, str(rivals / script), *map(str, args)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        try:
+            proc = subprocess.run(
+                [sys.executable, str(rivals / script), *map(str, args)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return {"error": f"{script} ran past {timeout} s"}
         written = list(pathlib.Path(out).glob("*.json"))
         if proc.returncode != 0 or not written:
             return {"error": f"{script} exited {proc.returncode}: {proc.stderr[-800:]}"}

@@ -7,11 +7,13 @@
 #
 # The five runs share the GPU concurrently (each takes 17% of its memory); each trains with
 # train.py under a wall-clock budget (train.time_limit_s, with a checkpoint when it runs out),
-# then evaluates 1000 fresh sequences per length with `python -m mamba_jax.training.eval_tasks`. Every part
-# runs under `timeout`, so one failure keeps the others' results. Written under $OUT:
-#   <run>.json          eval_tasks result: accuracy per length, train steps, train wall time
-#   <run>.train.log / <run>.eval.log / <run>.metrics.jsonl
-#   tasks_summary.json  all runs, with each part's exit status and wall time
+# then evaluates 1000 fresh sequences per length with `benchmarks/tasks.py`. Every part runs under
+# `timeout`, so one failure keeps the others' results. Written under $OUT:
+#   <run>.json          a `tasks` record (benchmarks/record.py): accuracy per length; its config
+#                       holds the training step, recipe and wall time
+#   <run>.train.log / <run>.eval.log / <run>.metrics.jsonl / <run>.status (exit codes, wall times)
+#   tasks_summary.jsonl all runs, one JSON line each; the same table is printed last
+# Only the records are *.json, so $OUT can be copied into benchmarks/results/ as it is.
 # What differs from the paper (which trains far longer): the step counts are what fits the time
 # budget; Selective Copying uses Adam at a constant 1e-3 after a 200-step warmup instead of 1e-4
 # for 400K steps; Induction Heads keeps the paper's recipe (Adam 1e-3, batch 8, no weight decay).
@@ -29,7 +31,7 @@ EVAL_S=${EVAL_S:-200}
 IH_BATCH=${IH_BATCH:-8}
 IH_EXTRA_BATCH=${IH_EXTRA_BATCH:-}
 EVAL_IMPL=${EVAL_IMPL:-pallas}
-# Extra words for every train.py / eval_tasks call (e.g. a CPU dry run at toy sizes).
+# Extra words for every train.py / benchmarks/tasks.py call (e.g. a CPU dry run at toy sizes).
 read -r -a EXTRA_TRAIN <<<"${EXTRA_TRAIN:-}"
 read -r -a EXTRA_EVAL <<<"${EXTRA_EVAL:-}"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -54,12 +56,12 @@ run() {
   # The Pallas kernel keeps 2^20-token sequences cheap. If it cannot run at all (no result
   # file), fall back to the associative scan with smaller chunks; a run cut short by the
   # timeout keeps the lengths it finished.
-  timeout "$EVAL_S" "$PY" -m mamba_jax.training.eval_tasks --task "$task" --checkpoint "$ckpt" \
+  timeout "$EVAL_S" "$PY" benchmarks/tasks.py --task "$task" --checkpoint "$ckpt" \
     --num 1000 --scan-impl "$EVAL_IMPL" --out "$OUT/$name.json" "${EXTRA_EVAL[@]}" \
     >"$OUT/$name.eval.log" 2>&1
   rc_eval=$?
   if [ $rc_eval -ne 0 ] && [ ! -s "$OUT/$name.json" ] && [ $(($(date +%s) - START)) -lt 420 ]; then
-    timeout 90 "$PY" -m mamba_jax.training.eval_tasks --task "$task" --checkpoint "$ckpt" \
+    timeout 90 "$PY" benchmarks/tasks.py --task "$task" --checkpoint "$ckpt" \
       --num 1000 --scan-impl associative --chunk-tokens $((1 << 17)) --out "$OUT/$name.json" \
       "${EXTRA_EVAL[@]}" \
       >>"$OUT/$name.eval.log" 2>&1
@@ -67,7 +69,7 @@ run() {
   fi
   t2=$(date +%s)
   printf '{"run": "%s", "task": "%s", "train_rc": %d, "train_wall_s": %d, "eval_rc": %d, "eval_wall_s": %d}\n' \
-    "$name" "$task" $rc_train $((t1 - t0)) $rc_eval $((t2 - t1)) >"$OUT/$name.status.json"
+    "$name" "$task" $rc_train $((t1 - t0)) $rc_eval $((t2 - t1)) >"$OUT/$name.status"
 }
 
 # Induction Heads scores one token per sequence, so batch 8 gives 8 labels per step. On one H100
@@ -89,21 +91,22 @@ import glob, json, os, sys
 
 out = sys.argv[1]
 runs = []
-for status in sorted(glob.glob(os.path.join(out, "*.status.json"))):
+for status in sorted(glob.glob(os.path.join(out, "*.status"))):
     with open(status) as f:
         row = json.load(f)
     path = os.path.join(out, row["run"] + ".json")
     if os.path.exists(path):
         with open(path) as f:
-            result = json.load(f)
-        summary = result.get("train_summary", {})
-        row.update(device=result["device"], scan_impl=result["scan_impl"],
-                   selective=result["selective"], train_step=result["train_step"],
-                   train_seconds=summary.get("train_seconds"),
-                   accuracy={r["length"]: r["accuracy"] for r in result["results"]})
+            record = json.load(f)  # benchmarks/record.py's format
+        config = record["config"]
+        row.update(device=record["device"], commit=record["commit"],
+                   scan_impl=config["scan_impl"], selective=config["selective"],
+                   train_step=config["train_step"],
+                   train_seconds=config.get("train_summary", {}).get("train_seconds"),
+                   accuracy={r["length"]: r["accuracy"] for r in record["rows"]})
     runs.append(row)
-with open(os.path.join(out, "tasks_summary.json"), "w") as f:
-    json.dump(runs, f, indent=1)
+with open(os.path.join(out, "tasks_summary.jsonl"), "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in runs)
 for row in runs:
     acc = row.get("accuracy", {})
     text = " ".join(f"{k}:{100 * v:.1f}" for k, v in acc.items()) or "no result"

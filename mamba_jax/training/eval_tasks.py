@@ -1,6 +1,6 @@
 """Accuracy of a trained model on the synthetic tasks, at any length, in bounded memory.
 
-    python -m mamba_jax.training.eval_tasks --task induction_heads --checkpoint runs/induction_heads \
+    python benchmarks/tasks.py --task induction_heads --checkpoint runs/induction_heads \
         --num 1000 --out benchmarks/results/tasks_induction_heads.json
 
 Sequences are fed in chunks through the model's cache (`logits, cache = model(ids, cache=cache)`
@@ -12,11 +12,6 @@ seed that training never uses.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import subprocess
 import time
 
 import jax
@@ -25,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from mamba_jax.model import MambaLM, with_config
-from mamba_jax.training.tasks import TASKS, make_task
+from mamba_jax.training.tasks import make_task
 
 EVAL_SEED = 1 << 21  # neither a training seed nor seed + VALIDATION_SEED_OFFSET
 DEFAULT_LENGTHS = {
@@ -167,100 +162,3 @@ def task_accuracy(
         "chance": task.chance,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def run(model, task_name, lengths, num, batch, chunk_tokens, scan_impl, seed, out=None, extra=None,
-        batch_tokens=2**25):  # fmt: skip
-    """Evaluates every length; returns the results dict, also written to `out` as JSON after
-    each length (so a run cut short keeps what it measured)."""
-    if scan_impl == "fastest":
-        longest = max(lengths)
-        b = min(batch, num, max(1, batch_tokens // longest))
-        scan_impl = fastest_scan_impl(model, b, pick_chunk(longest, b, chunk_tokens))
-    model = with_config(model, scan_impl=scan_impl)
-    predictor = TailPredictor(model, model.config.vocab_size)
-    result = {
-        "task": task_name,
-        "selective": model.config.selective,
-        "model": {"d_model": model.config.d_model, "n_layer": model.config.n_layer},
-        "scan_impl": scan_impl,
-        "eval_seed": seed,
-        "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _git_commit(),
-        **(extra or {}),
-        "results": [],
-    }
-    for length in lengths:
-        row = task_accuracy(
-            model, task_name, length, num, batch=batch, chunk_tokens=chunk_tokens,
-            batch_tokens=batch_tokens, seed=seed, predictor=predictor,
-        )  # fmt: skip
-        print(f"{task_name} l={length:>8d}  acc={row['accuracy']:.4f}  ({row['seconds']} s)")
-        result["results"].append(row)
-        if out:
-            with open(out, "w") as f:
-                json.dump(result, f, indent=2)
-    return result
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", choices=TASKS, required=True)
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint directory")
-    parser.add_argument("--lengths", default=None, help="comma-separated; default per task")
-    parser.add_argument("--num", type=int, default=1000, help="fresh sequences per length")
-    parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--chunk-tokens", type=int, default=2**21, help="batch x chunk bound")
-    parser.add_argument(
-        "--batch-tokens", type=int, default=2**25, help="batch x length bound (host memory)"
-    )
-    parser.add_argument(
-        "--scan-impl", default="fastest",
-        choices=("fastest", "reference", "associative", "pallas", "auto"),
-    )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=EVAL_SEED)
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
-    from mamba_jax.training.checkpoint import read_run_config, restore_model
-
-    config, step = read_run_config(args.checkpoint)
-    model, _ = restore_model(args.checkpoint, step)
-    trained_on = getattr(config.data, "task", None)
-    if trained_on not in (None, args.task):
-        raise ValueError(f"--task {args.task}, but the checkpoint was trained on {trained_on}")
-    lengths = (
-        [int(x) for x in args.lengths.split(",")] if args.lengths else DEFAULT_LENGTHS[args.task]
-    )
-    extra = {
-        "checkpoint": args.checkpoint,
-        "train_step": step,
-        "train_seq_len": config.train.seq_len,
-        "train_batch_size": config.train.batch_size,
-        "train_lr": config.train.lr,
-        "train_min_lr": config.train.min_lr,
-        "train_warmup_steps": config.train.warmup_steps,
-    }
-    summary = os.path.join(args.checkpoint, "train_summary.json")
-    if os.path.exists(summary):  # written by train.py: wall time and final training metrics
-        with open(summary) as f:
-            extra["train_summary"] = json.load(f)
-    return run(
-        model, args.task, lengths, args.num, args.batch, args.chunk_tokens, args.scan_impl,
-        args.seed, out=args.out, extra=extra, batch_tokens=args.batch_tokens,
-    )  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()
