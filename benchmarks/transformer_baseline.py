@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +158,54 @@ def decode(config, params, first_token, cache, start, steps, vocab_size=None):
 
     (_, cache, _), tokens = jax.lax.scan(body, (first_token, cache, start), None, length=steps)
     return tokens.T, cache  # (b, steps)
+
+
+class Runner:
+    """A random Transformer matched to a Mamba of `d_model` and `mamba_layers`, with jitted
+    prefill and decode programs (decode donates the cache), as benchmarks/decode.py times them."""
+
+    def __init__(self, d_model, mamba_layers, vocab, max_len, attention):
+        self.config = matched_config(
+            d_model, mamba_layers, ((vocab + 7) // 8) * 8, prefill_attention=attention
+        )
+        self.state = init_params(self.config, jax.random.key(0))
+        self.vocab, self.max_len = vocab, max_len
+        self.params = count_params(self.state)
+        self.prefill = jax.jit(self._prefill)
+        self.decode = jax.jit(self._decode, static_argnums=3, donate_argnums=2)
+
+    def _prefill(self, params, ids):
+        logits, cache = prefill(self.config, params, ids, self.max_len)
+        return jnp.argmax(logits[:, : self.vocab], -1).astype(jnp.int32), cache
+
+    def _decode(self, params, token, cache, steps):
+        start = self.max_len - steps - 1  # the prompt's length: the first new token goes there
+        return decode(self.config, params, token, cache, start, steps, self.vocab)
+
+    def check(self, key, prefix=16):
+        """Relative error of prefill + one cached step against the full forward's last logits."""
+        c, p = self.config, self.state
+        ids = jax.random.randint(key, (2, prefix + 1), 0, self.vocab)
+        full, _ = forward(c, p, ids, init_cache(c, 2, prefix + 1), 0)
+        _, cache = forward(c, p, ids[:, :prefix], init_cache(c, 2, prefix + 1), 0)
+        step, _ = forward(c, p, ids[:, prefix:], cache, prefix)
+        full, step = full[:, -1].astype(jnp.float32), step[:, 0].astype(jnp.float32)
+        return float(jnp.linalg.norm(step - full) / jnp.maximum(jnp.linalg.norm(full), 1e-30))
+
+    def time(self, prompt, new, reps):
+        """Median (prefill s, decode s) of `new` tokens over reps runs after one warm-up, on fresh
+        prompts from prompt(key) each run."""
+        key = jax.random.key(0)
+        pre, dec = [], []
+        for i in range(reps + 1):
+            key, k = jax.random.split(key)
+            ids = prompt(k)
+            t0 = time.perf_counter()
+            first, cache = jax.block_until_ready(self.prefill(self.state, ids))
+            t1 = time.perf_counter()
+            jax.block_until_ready(self.decode(self.state, first, cache, new - 1))
+            t2 = time.perf_counter()
+            if i:
+                pre.append(t1 - t0)
+                dec.append(t2 - t1)
+        return statistics.median(pre), statistics.median(dec)

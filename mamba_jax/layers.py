@@ -6,11 +6,14 @@ modules build anywhere and the training code decides the mesh placement.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mamba_jax.scan_sharding import sharded_causal_conv
 
 
 def partitioned(init, names):
@@ -44,6 +47,40 @@ def inverse_softplus(x):
     return x + jnp.log(-jnp.expm1(-x))
 
 
+def _rms_inv(x32, eps):
+    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # (..., 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x, weight, eps, out_dtype):
+    """x / sqrt(mean(x^2) + eps) * weight in fp32, cast to out_dtype. x: (..., d); weight: (d,).
+
+    The VJP keeps only x and the inverse RMS (..., 1) and recomputes the rest: the backward of
+    the plain expression would keep fp32 intermediates of x's size."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * _rms_inv(x32, eps) * weight.astype(jnp.float32)).astype(out_dtype)
+
+
+def _rms_norm_fwd(x, weight, eps, out_dtype):
+    inv = _rms_inv(x.astype(jnp.float32), eps)
+    y = (x.astype(jnp.float32) * inv * weight.astype(jnp.float32)).astype(out_dtype)
+    return y, (x, weight, inv)
+
+
+def _rms_norm_bwd(eps, out_dtype, res, g):
+    x, weight, inv = res
+    x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
+    xhat = x32 * inv  # (..., d)
+    gw = g32 * weight.astype(jnp.float32)
+    # d/dx of x * inv: inv * (g - xhat * mean(g * xhat)), with g the cotangent of xhat.
+    dx = inv * (gw - xhat * jnp.mean(gw * xhat, axis=-1, keepdims=True))
+    dweight = jnp.sum((g32 * xhat).reshape(-1, x.shape[-1]), axis=0)
+    return dx.astype(x.dtype), dweight.astype(weight.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32."""
 
@@ -54,9 +91,69 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         """x: (..., d) -> (..., d) in self.dtype."""
-        x32 = x.astype(jnp.float32)
-        inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * inv * self.weight[...].astype(jnp.float32)).astype(self.dtype)
+        return rms_norm(x, self.weight[...], self.eps, jnp.dtype(self.dtype))
+
+
+def _conv_pre(x, state, kernel, bias):
+    """fp32 conv + bias: x (b, l, e), state (b, w - 1, e), kernel (w, e), bias (e,) -> (b, l, e)."""
+    width, length = kernel.shape[0], x.shape[1]
+    xp = jnp.concatenate([state.astype(x.dtype), x], axis=1).astype(jnp.float32)  # (b, l+w-1, e)
+    k32 = kernel.astype(jnp.float32)
+    pre = sum(xp[:, k : k + length] * k32[k] for k in range(width))  # (b, l, e)
+    return pre + bias.astype(jnp.float32), xp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def causal_conv1d_silu(x, state, kernel, bias, out_dtype):
+    """silu(causal depthwise conv(x) + bias), accumulated in fp32, cast to out_dtype.
+
+    x: (b, l, e); state: (b, w - 1, e) the inputs before x (zeros at a sequence start); kernel:
+    (w, e); bias: (e,). The VJP keeps only its inputs and recomputes the conv (w multiply-adds
+    per element), so a training step stores x once instead of the conv output and its SiLU."""
+    return jax.nn.silu(_conv_pre(x, state, kernel, bias)[0]).astype(out_dtype)
+
+
+def _conv_silu_fwd(x, state, kernel, bias, out_dtype):
+    return causal_conv1d_silu(x, state, kernel, bias, out_dtype), (x, state, kernel, bias)
+
+
+def _conv_silu_bwd(out_dtype, res, g):
+    x, state, kernel, bias = res
+    width, length = kernel.shape[0], x.shape[1]
+    pre, xp = _conv_pre(x, state, kernel, bias)
+    sig = jax.nn.sigmoid(pre)
+    dpre = g.astype(jnp.float32) * sig * (1.0 + pre * (1.0 - sig))  # (b, l, e)
+    k32 = kernel.astype(jnp.float32)
+    # out_t reads xp[t + k] with weight kernel[k], so xp_j gets sum_k kernel[k] dpre[j - k].
+    # x_t is xp[t + w - 1]: dx_t = sum_k kernel[k] dpre[t + w - 1 - k] (zero past the end).
+    tail = jnp.pad(dpre, ((0, 0), (0, width - 1), (0, 0)))  # (b, l + w - 1, e)
+    dx = sum(tail[:, width - 1 - k : width - 1 - k + length] * k32[k] for k in range(width))
+    # state_j is xp[j] for j < w - 1: dstate_j = sum_{k <= j} kernel[k] dpre[j - k].
+    lead = width - 1 - min(length, width - 1)  # dpre may be shorter than w - 1
+    head = jnp.pad(dpre[:, : width - 1], ((0, 0), (width - 1, lead), (0, 0)))  # (b, 2(w - 1), e)
+    dstate = sum(head[:, width - 1 - k : 2 * (width - 1) - k] * k32[k] for k in range(width))
+    dkernel = jnp.stack([jnp.sum(xp[:, k : k + length] * dpre, axis=(0, 1)) for k in range(width)])
+    dbias = jnp.sum(dpre, axis=(0, 1))
+    return (dx.astype(x.dtype), dstate.astype(state.dtype), dkernel.astype(kernel.dtype),
+            dbias.astype(bias.dtype))  # fmt: skip
+
+
+causal_conv1d_silu.defvjp(_conv_silu_fwd, _conv_silu_bwd)
+
+
+def causal_conv1d_step(x, state, kernel, bias, out_dtype, *, silu=False):
+    """The causal conv at one new position, for decoding.
+
+    x: (b, e) the new input; state: (b, w - 1, e) the previous w - 1 inputs; kernel: (w, e); bias:
+    (e,) or None. Returns (out (b, e) in out_dtype, new state (b, w - 1, e)). The sum is the one
+    `causal_conv1d_silu` takes at a position, in fp32, written as w elementwise products (one
+    fused kernel; an einsum here becomes a batched dot with transposes)."""
+    window = jnp.concatenate([state.astype(x.dtype), x[:, None]], axis=1)  # (b, w, e)
+    k32 = kernel.astype(jnp.float32)
+    pre = sum(window[:, k].astype(jnp.float32) * k32[k] for k in range(kernel.shape[0]))  # (b, e)
+    if bias is not None:
+        pre = pre + bias.astype(jnp.float32)
+    return (jax.nn.silu(pre) if silu else pre).astype(out_dtype), window[:, 1:]
 
 
 class CausalConv1d(nnx.Module):
@@ -80,24 +177,37 @@ class CausalConv1d(nnx.Module):
             else None
         )
 
-    def __call__(self, x, state=None):
+    def __call__(self, x, state=None, *, silu=False):
         """x: (b, l, e); state: (b, w - 1, e) previous inputs or None.
 
-        Returns (out (b, l, e), new state (b, w - 1, e): the last w - 1 inputs)."""
+        Returns (out (b, l, e), new state (b, w - 1, e): the last w - 1 inputs). With silu=True,
+        out is silu(conv(x) + bias), accumulated in fp32 as one op with its own VJP
+        (`causal_conv1d_silu`)."""
+        # With the length split over a mesh, each shard convolves its own block, its state the
+        # previous shard's last w - 1 inputs (a halo; scan_sharding.sharded_causal_conv).
+        bias = None if self.bias is None else self.bias[...]
+        conv = functools.partial(self._conv, silu=silu)
+        return sharded_causal_conv(conv, x, self.kernel[...], bias, state)
+
+    def _conv(self, x, kernel, bias, state, *, silu=False):
+        """`__call__` on arrays: kernel (w, e), bias (e,) or None, state (b, w - 1, e) or None."""
         bsz, length, e = x.shape
         if state is None:
             state = jnp.zeros((bsz, self.width - 1, e), x.dtype)
+        if silu:
+            bias = jnp.zeros((e,), jnp.float32) if bias is None else bias
+            out = causal_conv1d_silu(x, state, kernel, bias, jnp.dtype(self.dtype))
+            tail = jnp.concatenate([state.astype(x.dtype), x[:, -(self.width - 1) :]], axis=1)
+            return out, tail[:, tail.shape[1] - (self.width - 1) :]
         xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # (b, l + w - 1, e)
-        kernel = self.kernel[...].astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
         out = sum(xp[:, k : k + length] * kernel[k] for k in range(self.width))  # (b, l, e)
-        if self.bias is not None:
-            out = out + self.bias[...].astype(self.dtype)
+        if bias is not None:
+            out = out + bias.astype(self.dtype)
         return out.astype(self.dtype), xp[:, xp.shape[1] - (self.width - 1) :]
 
-    def step(self, x, state):
-        """x: (b, e); state: (b, w - 1, e). Returns (out (b, e), new state)."""
-        window = jnp.concatenate([state.astype(x.dtype), x[:, None]], axis=1)  # (b, w, e)
-        out = jnp.einsum("bwe,we->be", window, self.kernel[...].astype(self.dtype))
-        if self.bias is not None:
-            out = out + self.bias[...].astype(self.dtype)
-        return out.astype(self.dtype), window[:, 1:]
+    def step(self, x, state, *, silu=False):
+        """x: (b, e); state: (b, w - 1, e). Returns (out (b, e), new state (b, w - 1, e)), with
+        silu=True out = silu(conv + bias): `causal_conv1d_step` on this module's weights."""
+        bias = None if self.bias is None else self.bias[...]
+        return causal_conv1d_step(x, state, self.kernel[...], bias, self.dtype, silu=silu)

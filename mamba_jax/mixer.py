@@ -7,6 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mamba_jax.config import MambaConfig
 from mamba_jax.layers import (
@@ -86,11 +87,26 @@ class MambaMixer(nnx.Module):
             B = jnp.broadcast_to(self.lti_B[...], (*shape, c.d_state)).astype(x.dtype)
             C = jnp.broadcast_to(self.lti_C[...], (*shape, c.d_state)).astype(x.dtype)
             return delta, B, C
-        x_dbl = self.x_proj(x)  # (..., r + 2n)
+        # Named for the training step's rematerialisation policy (model.REMAT_SAVED).
+        x_dbl = checkpoint_name(self.x_proj(x), "x_dbl")  # (..., r + 2n)
         dt, B, C = jnp.split(x_dbl, [c.dt_rank, c.dt_rank + c.d_state], axis=-1)
         # The dt bias is added inside the scan (with the softplus), as in the official kernel.
         delta = dt @ self.dt_proj.kernel[...].astype(x.dtype)  # (..., e)
         return delta, B, C
+
+    def _in_proj_halves(self, hidden):
+        """in_proj as two matmuls, hidden (b, l, d) -> x, z (b, l, e): the same products as one
+        (d, 2e) matmul, but z comes out contiguous (the scan kernel would otherwise take a copy
+        of the (b, l, 2e) output's second half) and the backward needs no concatenation."""
+        kernel = self.in_proj.kernel[...].astype(self.dtype)  # (d, 2e)
+        e = kernel.shape[1] // 2
+        halves = []
+        for i, name in enumerate(("mixer_x", "mixer_z")):
+            h = jnp.dot(hidden.astype(self.dtype), kernel[:, i * e : (i + 1) * e])  # (b, l, e)
+            if self.in_proj.bias is not None:
+                h = h + self.in_proj.bias[...][i * e : (i + 1) * e].astype(self.dtype)
+            halves.append(checkpoint_name(h, name))
+        return halves
 
     def scan_inputs(self, hidden, conv_state=None, *, step=False):
         """The selective scan's inputs from the normalised block input (paper Algorithm 2, 1-5).
@@ -99,13 +115,13 @@ class MambaMixer(nnx.Module):
         inputs (b, w - 1, e) or None (zeros). Returns (u, delta, B, C, z, conv_state): u, delta,
         z (..., e) with u after the causal conv and silu, delta before its bias and softplus,
         B, C (..., n), and the updated conv state."""
-        xz = self.in_proj(hidden)  # (..., 2e)
-        x, z = jnp.split(xz, 2, axis=-1)  # (..., e) each
         if step:
-            x, conv_state = self.conv1d.step(x, conv_state)
+            xz = self.in_proj(hidden)  # (..., 2e)
+            x, z = jnp.split(xz, 2, axis=-1)  # (..., e) each
+            u, conv_state = self.conv1d.step(x, conv_state, silu=True)
         else:
-            x, conv_state = self.conv1d(x, conv_state)
-        u = jax.nn.silu(x)
+            x, z = self._in_proj_halves(hidden)  # (b, l, e) each
+            u, conv_state = self.conv1d(x, conv_state, silu=True)
         delta, B, C = self._ssm_inputs(u)
         return u, delta, B, C, z, conv_state
 
@@ -131,12 +147,15 @@ class MambaMixer(nnx.Module):
             return out
         return out, (conv_state, ssm_state)
 
-    def step(self, hidden, cache):
-        """hidden: (b, d) one token; cache: (conv (b, w - 1, e), ssm (b, e, n)). Returns (out (b, d), cache)."""
+    def step(self, hidden, cache, A=None):
+        """hidden: (b, d) one token; cache: (conv (b, w - 1, e), ssm (b, e, n)). Returns (out (b, d), cache).
+
+        A: (e, n) float32, `self.A()` computed once ahead (a decoding loop passes it so that no
+        token recomputes it), or None to compute it here."""
         conv_state, ssm_state = cache
         x, delta, B, C, z, conv_state = self.scan_inputs(hidden, conv_state, step=True)
         y, ssm_state = selective_scan_step(
-            x, delta, self.A(), B, C, self.D[...], z, self.dt_proj.bias[...],
+            x, delta, self.A() if A is None else A, B, C, self.D[...], z, self.dt_proj.bias[...],
             state=ssm_state, delta_softplus=True,
         )  # fmt: skip
         return self.out_proj(y), (conv_state, ssm_state)

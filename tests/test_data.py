@@ -163,3 +163,19 @@ def test_default_corpus_is_the_stdlib():
     files = data.stdlib_files()
     assert len(files) > 100 and all(f.endswith(".py") for f in files)
     assert ByteTokenizer().vocab_size == 257
+
+
+def test_packed_windows_carry_segment_ids_that_start_at_each_eos():
+    eos = 9
+    tokens = np.asarray([1, 2, eos, 3, 4, 5, eos, 6, eos, eos, 7, 8, 1], np.uint16)
+    windows = data.TokenWindows(tokens, 6, eos_id=eos)
+    first, second = windows[0], windows[1]
+    np.testing.assert_array_equal(first["inputs"], [1, 2, eos, 3, 4, 5])
+    np.testing.assert_array_equal(first["segment_ids"], [0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(second["inputs"], [eos, 6, eos, eos, 7, 8])
+    np.testing.assert_array_equal(second["segment_ids"], [1, 1, 2, 3, 3, 3])
+    assert "segment_ids" not in data.TokenWindows(tokens, 6)[0]  # packing "none"
+    batch = next(iter(data.train_dataset(tokens, 4, 2, seed=0, eos_id=eos)))
+    assert batch["segment_ids"].shape == (2, 4) and batch["segment_ids"].dtype == np.int32
+    val = data.eval_batches(tokens, 4, 2, 1, eos_id=eos)
+    assert set(val[0]) == {"inputs", "targets", "segment_ids"}

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from mamba_jax import MambaConfig, MambaLM, generate
-from mamba_jax.sampling import sample_logits
+from mamba_jax.sampling import _decode_jit, decode, prefill, sample_logits
 
 CFG = MambaConfig(d_model=16, n_layer=2, vocab_size=29, scan_impl="associative")
 
@@ -51,6 +51,81 @@ def test_last_only_equals_the_last_position(model):
     np.testing.assert_array_equal(np.asarray(cache_a.ssm), np.asarray(cache_b.ssm))
 
 
+@jax.jit
+def _teacher_forced(decoder, caches, tokens):
+    """Decoder.step over given tokens (k, b) in one lax.scan -> logits (k, b, v)."""
+
+    def body(caches, token):
+        logits, caches = decoder.step(token, caches)
+        return caches, logits
+
+    return jax.lax.scan(body, caches, tokens)[1]
+
+
+@pytest.mark.parametrize("prompt, batch", [(1, 3), (6, 1)])
+def test_prefill_and_decoder_loop_equal_full_forward(model, prompt, batch):
+    """generate's own pieces: the prefill program and Decoder.step in a jitted loop (weights cast
+    and unstacked once, per-layer caches; at batch 1 the matrix-vector layout) give the full
+    forward's logits."""
+    k = 5
+    x = jax.random.randint(jax.random.key(prompt), (batch, prompt + k), 0, 29)
+    full = np.asarray(model(x))  # (b, l, v)
+    first, decoder, caches = prefill(model, x[:, :prompt], jax.random.key(0))
+    assert len(caches) == CFG.n_layer and caches[0][1].shape == (batch, 32, 16)
+    assert decoder.matvec == (batch == 1)
+    np.testing.assert_array_equal(
+        np.asarray(first), full[:, prompt - 1, : CFG.vocab_size].argmax(-1)
+    )
+    logits = _teacher_forced(decoder, caches, x[:, prompt:].T)  # (k, b, v)
+    np.testing.assert_allclose(
+        np.asarray(logits).transpose(1, 0, 2), full[:, prompt:], rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("param_dtype, batch", [("float32", 2), ("bfloat16", 1)])
+def test_decoder_casts_once_and_matches_the_bf16_forward(param_dtype, batch, assert_close):
+    cfg = CFG.replace(dtype="bfloat16", param_dtype=param_dtype)
+    model = MambaLM(cfg, rngs=nnx.Rngs(1))
+    decoder = model.decoder()
+    mixer = decoder.blocks[0]["mixer"]
+    assert decoder.embedding.dtype == jnp.bfloat16
+    for w in (mixer["in_proj"]["kernel"], mixer["conv1d"]["bias"], mixer["dt_proj"]["kernel"]):
+        assert w.get_value().dtype == jnp.bfloat16
+    for w in (mixer["D"], mixer["dt_proj"]["bias"], decoder.blocks[0]["norm"]["weight"]):
+        assert w.get_value().dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(decoder.A[1]), np.asarray(model.layers.mixer.A()[1]))
+    matvec = model.decoder(batch_size=1)
+    assert matvec.matvec and matvec.blocks[0]["in_proj"].shape == (64, 16)  # (2e, d): transposed
+    assert matvec.blocks[0]["in_proj"].dtype == jnp.bfloat16
+    x = jax.random.randint(jax.random.key(5), (batch, 7), 0, 29)
+    full = model(x)
+    _, decoder, caches = prefill(model, x[:, :4], jax.random.key(0))
+    logits = _teacher_forced(decoder, caches, x[:, 4:].T)
+    assert_close(jnp.asarray(logits).transpose(1, 0, 2), full[:, 4:], jnp.bfloat16)
+
+
+def test_decode_program_is_one_loop_with_the_layers_unrolled(model):
+    """The token loop is the program's only loop: its body holds every layer as straight-line
+    code (a loop over layers inside would break the body into many small launches)."""
+    first, decoder, caches = prefill(model, jnp.zeros((2, 3), jnp.int32), jax.random.key(0))
+    text = _decode_jit.lower(
+        decoder,
+        first,
+        caches,
+        jax.random.key(1),
+        jnp.float32(1),
+        jnp.float32(1),
+        steps=4,
+        greedy=True,
+        top_k=None,
+        nucleus=False,
+        vocab_size=29,
+    ).as_text()
+    assert text.count("stablehlo.while") == 1
+    tokens, _ = decode(decoder, first, caches, 4, jax.random.key(1))
+    assert tokens.shape == (2, 4) and tokens.dtype == jnp.int32
+
+
 def test_greedy_generate_matches_argmax_loop(model):
     prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, 29)
     out = generate(model, prompt, 6)
@@ -85,6 +160,22 @@ def test_top_k_and_top_p_restrict_the_support():
     assert set(np.unique(np.asarray(top_p))) == {0, 1}  # 0.5 < 0.7 needs the second token
     top_p = sample_logits(logits, keys, temperature=1.0, top_p=0.4)
     assert set(np.unique(np.asarray(top_p))) == {0}
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, 0.8), (7, 0.5)])
+def test_top_k_top_p_keep_the_expected_tokens_of_random_logits(top_k, top_p):
+    """On random logits (no ties): the support sampled is the set a sort-based reference keeps,
+    top_k first, then the smallest prefix of the rest (renormalised) with mass >= top_p."""
+    logits = jax.random.normal(jax.random.key(top_k or 0), (1, 23)) * 2.0
+    ref = np.asarray(logits[0], np.float64)
+    order = np.argsort(-ref)[: top_k or ref.size]
+    p = np.exp(ref[order] - ref[order].max())
+    p /= p.sum()
+    expected = set(order[: int(np.sum(np.cumsum(p) - p < top_p))].tolist())
+    draws = jax.vmap(
+        lambda k: sample_logits(logits, k, temperature=1.0, top_k=top_k, top_p=top_p)[0]
+    )(jax.random.split(jax.random.key(1), 4000))
+    assert set(np.unique(np.asarray(draws)).tolist()) == expected
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,19 @@
-"""The one training loss: masked positions and padded vocabulary rows."""
+"""The training step: the one loss (masked positions, padded vocabulary rows), its fused pieces
+against the plain expressions, the rematerialisation policy, and skipped non-finite steps."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from mamba_jax import MambaConfig, MambaLM
+from mamba_jax import sharding as shd
+from mamba_jax.config import MeshConfig
+from mamba_jax.layers import causal_conv1d_silu, rms_norm
 from mamba_jax.training import trainer
+from mamba_jax.training.run_config import TrainConfig
 
 
 def test_loss_scores_only_masked_positions_and_never_the_padded_vocab():
@@ -30,3 +36,139 @@ def test_loss_scores_only_masked_positions_and_never_the_padded_vocab():
     full = optax.softmax_cross_entropy_with_integer_labels(model(inputs)[..., :11], targets)
     assert float(count) == 21
     np.testing.assert_allclose(total, full.sum(), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused ops against the plain expressions, forward and VJP, fp32.
+
+
+def _plain_conv_silu(x, state, kernel, bias):
+    xp = jnp.concatenate([state, x], axis=1)
+    w, length = kernel.shape[0], x.shape[1]
+    return jax.nn.silu(sum(xp[:, k : k + length] * kernel[k] for k in range(w)) + bias)
+
+
+def _check_vjp(fused, plain, args, key):
+    @jax.jit
+    def both(args, key):
+        outs = []
+        for f in (fused, plain):
+            out, vjp = jax.vjp(f, *args)
+            outs.append((out, vjp(jax.random.normal(key, out.shape))))
+        return outs
+
+    (out, grads), (want, want_grads) = both(args, key)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    for got, ref in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [2, 17])  # shorter than and past w - 1
+def test_conv_silu_matches_the_plain_conv(length):
+    e, w = 5, 4
+    k = jax.random.split(jax.random.key(length), 5)
+    args = (jax.random.normal(k[0], (2, length, e)), jax.random.normal(k[1], (2, w - 1, e)),
+            jax.random.normal(k[2], (w, e)), jax.random.normal(k[3], (e,)))  # fmt: skip
+    fused = lambda *a: causal_conv1d_silu(*a, jnp.dtype(jnp.float32))
+    _check_vjp(fused, _plain_conv_silu, args, k[4])
+
+
+def test_rms_norm_matches_the_plain_norm():
+    k = jax.random.split(jax.random.key(0), 3)
+    x, weight = 3 * jax.random.normal(k[0], (2, 7, 33)), jax.random.normal(k[1], (33,))
+    plain = lambda x, w: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5) * w
+    _check_vjp(lambda x, w: rms_norm(x, w, 1e-5, jnp.dtype(jnp.float32)), plain, (x, weight), k[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# The step's loss and gradients against the plain step's.
+
+TINY = MambaConfig(d_model=16, n_layer=2, vocab_size=29, scan_impl="reference")
+
+
+def _grads(config, loss, params, batch):
+    graphdef = nnx.graphdef(MambaLM(config, rngs=nnx.Rngs(0)))
+    fn = jax.jit(jax.value_and_grad(lambda p, b: loss(graphdef, p, b)[0]))
+    return fn(params, batch)
+
+
+def test_step_loss_and_gradients_equal_the_plain_step():
+    """Chunked cross-entropy, fused conv/norm, two-matmul in_proj, without and with the
+    rematerialisation policy, against whole logits + optax without remat: the same function."""
+    params = trainer.pure(nnx.state(MambaLM(TINY, rngs=nnx.Rngs(0))))
+    k = jax.random.split(jax.random.key(1), 3)
+    batch = {"inputs": jax.random.randint(k[0], (2, 13), 0, 29),
+             "targets": jax.random.randint(k[1], (2, 13), 0, 29),
+             "mask": (jax.random.uniform(k[2], (2, 13)) > 0.2).astype(jnp.float32)}  # fmt: skip
+    want, want_grads = _grads(TINY, trainer.reference_loss_terms, params, batch)
+    for remat in (False, True):
+        got, grads = _grads(TINY.replace(remat=remat), trainer.loss_terms, params, batch)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        for path, g in jax.tree_util.tree_leaves_with_path(grads):
+            ref = want_grads
+            for key in path:
+                ref = ref[key.key]
+            scale = max(1.0, float(jnp.max(jnp.abs(ref))))
+            np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * scale,
+                                       err_msg=f"{remat=} {path}")  # fmt: skip
+
+
+def test_remat_keeps_only_the_named_residuals():
+    """Under remat a layer's backward keeps the block input and the in_proj and x_proj outputs;
+    without it, more (the conv output, Δ, the scan's inputs ...)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    cfg = TINY.replace(d_model=32, dtype="bfloat16")
+    params = trainer.pure(nnx.state(MambaLM(cfg, rngs=nnx.Rngs(0))))
+    batch = {"inputs": jnp.zeros((2, 24), jnp.int32), "targets": jnp.zeros((2, 24), jnp.int32)}
+
+    def stacked(remat):  # residuals with the (n_layer, b, l, ...) shape of per-layer activations
+        graphdef = nnx.graphdef(MambaLM(cfg.replace(remat=remat), rngs=nnx.Rngs(0)))
+        res = saved_residuals(lambda p, b: trainer.loss_terms(graphdef, p, b)[0], params, batch)
+        return sorted((a.dtype.name, a.shape[3]) for a, _ in res if a.shape[:3] == (2, 2, 24))
+
+    e, r = cfg.d_inner, cfg.dt_rank + 2 * cfg.d_state
+    want = [("bfloat16", e), ("bfloat16", e), ("bfloat16", r), ("float32", cfg.d_model)]
+    assert stacked(True) == sorted(want)
+    assert len(stacked(False)) > 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite steps.
+
+
+def test_a_nonfinite_step_changes_nothing_but_the_step_and_is_counted():
+    mesh = shd.make_mesh(MeshConfig(-1, 1, 1))  # the 8 fake CPU devices
+    tc = TrainConfig(steps=10, batch_size=8, seq_len=8, warmup_steps=0)
+    tx = trainer.make_optimizer(tc)
+    graphdef, state, shardings = trainer.init_state(TINY, tx, mesh, seed=0)
+    step = trainer.make_train_step(graphdef, tx, tc, shardings, mesh)
+    ids = np.arange(64, dtype=np.int32).reshape(8, 8) % 29
+    good = {"inputs": ids, "targets": ids, "mask": np.ones((8, 8), np.float32)}
+    bad = good | {"mask": np.full((8, 8), np.nan, np.float32)}
+    state, metrics = step(state, trainer.global_batch(good, mesh))
+    assert float(metrics["nonfinite"]) == 0.0
+    before = jax.device_get(state)
+    state, metrics = step(state, trainer.global_batch(bad, mesh))
+    assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    after = jax.device_get(state)
+    assert int(after["step"]) == int(before["step"]) + 1
+    for a, b in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(before["params"])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(after["opt_state"]), jax.tree.leaves(before["opt_state"])):
+        np.testing.assert_array_equal(a, b)
+    state, metrics = step(state, trainer.global_batch(good, mesh))  # training goes on
+    assert float(metrics["nonfinite"]) == 0.0
+    assert np.all(np.isfinite(jax.tree.leaves(jax.device_get(state["params"]))[0]))
+
+
+def test_nonfinite_guard_stops_after_limit_in_a_row():
+    guard = trainer.NonfiniteGuard(3)
+    flags = [1, 1, 0, 1, 1, 1, 1]  # the run of three ends at index 5, seen one update later
+    said = [guard.update({"nonfinite": jnp.float32(f)}) for f in flags]
+    assert said[:6] == [None] * 6 and "3 train steps in a row" in said[6]
+    assert guard.total == 6
+    with pytest.raises(ValueError, match="max_nonfinite_steps"):
+        trainer.NonfiniteGuard(0)
+    with pytest.raises(ValueError, match="max_nonfinite_steps"):
+        TrainConfig(max_nonfinite_steps=0)

@@ -91,10 +91,15 @@ def tokenize_files(files: list[str], tokenizer, dtype=np.uint32) -> tuple[np.nda
 
 
 class TokenWindows:
-    """Window i is tokens[i * l : i * l + l + 1], as inputs (l,) and next-token targets (l,)."""
+    """Window i is tokens[i * l : i * l + l + 1], as inputs (l,) and next-token targets (l,).
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.seq_len = tokens, seq_len
+    With `eos_id` given, each window also carries segment_ids (l,) int32: a new segment starts
+    at every end-of-text token, which thus opens the next document (as a beginning-of-text
+    token would), while the last token of a document still learns to predict end-of-text. The
+    first segment of a window may be the middle of a document."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, eos_id: int | None = None):
+        self.tokens, self.seq_len, self.eos_id = tokens, seq_len, eos_id
         self.n = (len(tokens) - 1) // seq_len
 
     def __len__(self):
@@ -103,7 +108,10 @@ class TokenWindows:
     def __getitem__(self, i):
         start = int(i) * self.seq_len
         window = np.asarray(self.tokens[start : start + self.seq_len + 1], np.int32)
-        return {"inputs": window[:-1], "targets": window[1:]}
+        out = {"inputs": window[:-1], "targets": window[1:]}
+        if self.eos_id is not None:
+            out["segment_ids"] = np.cumsum(out["inputs"] == self.eos_id, dtype=np.int32)
+        return out
 
 
 @dataclasses.dataclass
@@ -181,15 +189,18 @@ def train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    eos_id: int | None = None,
 ) -> grain.IterDataset:
-    """Endless shuffled batches for this process: inputs, targets (global_batch / P, l) int32."""
+    """Endless shuffled batches for this process: inputs, targets (global_batch / P, l) int32,
+    and segment_ids when `eos_id` is given (see TokenWindows)."""
     _check_length(tokens, seq_len, "training")
     if global_batch % process_count:
         raise ValueError(
             f"train.batch_size={global_batch} must be a multiple of the process count "
             f"{process_count}"
         )
-    ds = grain.MapDataset.source(TokenWindows(tokens, seq_len)).shuffle(seed=seed).repeat(None)
+    ds = grain.MapDataset.source(TokenWindows(tokens, seq_len, eos_id))
+    ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds[process_index::process_count]
     ds = ds.batch(global_batch // process_count, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
@@ -202,16 +213,17 @@ def eval_batches(
     n_batches: int,
     process_index: int = 0,
     process_count: int = 1,
+    eos_id: int | None = None,
 ) -> list[dict]:
     """A fixed list of validation batches for this process; windows wrap when the split is short."""
     _check_length(tokens, seq_len, "validation")
-    windows = TokenWindows(tokens, seq_len)
+    windows = TokenWindows(tokens, seq_len, eos_id)
     local = global_batch // process_count
     out = []
     for b in range(n_batches):
         idx = [(b * global_batch + process_index * local + j) % len(windows) for j in range(local)]
         rows = [windows[i] for i in idx]
-        out.append({k: np.stack([r[k] for r in rows]) for k in ("inputs", "targets")})
+        out.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
     return out
 
 
@@ -227,8 +239,13 @@ def build_data(config: Config, pid: int, nproc: int, log=print):
         log(f"data: synthetic task {dc.task}, length {tc.seq_len}")
         return iter(train), val, None, None
     corpus = load_corpus(dc, config.model.vocab_size)
-    train = train_dataset(corpus.train_tokens, tc.seq_len, tc.batch_size, dc.seed, pid, nproc)
-    val = eval_batches(corpus.val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches, pid, nproc)
+    eos = corpus.tokenizer.eos_id if dc.packing == "reset" else None
+    train = train_dataset(
+        corpus.train_tokens, tc.seq_len, tc.batch_size, dc.seed, pid, nproc, eos_id=eos
+    )
+    val = eval_batches(
+        corpus.val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches, pid, nproc, eos_id=eos
+    )
     log(
         f"data: {len(corpus.train_tokens):,} training / {len(corpus.val_tokens):,} validation "
         f"tokens, vocab {corpus.tokenizer.vocab_size}"
@@ -237,11 +254,23 @@ def build_data(config: Config, pid: int, nproc: int, log=print):
 
 
 def check_batch(config: Config, mesh):
-    """The micro-batch must split evenly over the data x fsdp devices."""
+    """The micro-batch must split evenly over the data x fsdp devices, and the length over the
+    sequence devices, which must sit in one process (it reads whole rows)."""
     train, shards = config.train, shd.batch_divisor(mesh)
     micro = train.batch_size // train.grad_accum
     if micro % shards:
         raise ValueError(
             f"train.batch_size / train.grad_accum = {micro} must be a multiple of the data x fsdp "
             f"mesh size {shards} (mesh {dict(mesh.shape)})"
+        )
+    length = shd.length_divisor(mesh)
+    if train.seq_len % length:
+        raise ValueError(
+            f"train.seq_len={train.seq_len} must be a multiple of the sequence mesh size {length} "
+            f"(mesh {dict(mesh.shape)})"
+        )
+    if length > 1 and not shd.sequence_within_processes(mesh):
+        raise ValueError(
+            f"mesh.sequence={length} spans several processes, but each process reads whole rows "
+            f"of its own: make mesh.sequence at most the devices of one process"
         )

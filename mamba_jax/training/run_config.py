@@ -28,9 +28,14 @@ class DataConfig:
     seed: int = 0
     max_files: int | None = None  # cap on text files read (a quick way to shrink the corpus)
     task: str | None = None  # a synthetic task of mamba_jax.tasks instead of a corpus
+    # How packed windows treat document boundaries: "reset" gives each window its segment ids
+    # (a new segment at every end-of-text token), so the scan's state and the conv window
+    # restart there and documents never see each other; "none" lets state flow across them.
+    packing: str = "reset"
 
     def __post_init__(self):
         _check_choice("data.format", self.format, ("auto", "text", "tokens"))
+        _check_choice("data.packing", self.packing, ("reset", "none"))
         if self.task is not None:
             from mamba_jax.training.tasks import TASKS
 
@@ -68,13 +73,17 @@ class TrainConfig:
     # Likewise after this many seconds of training (measured from the first step); all
     # processes stop at the same step. For runs that must fit a fixed time budget.
     time_limit_s: float | None = None
+    # A step with a non-finite loss or gradient is skipped (params and optimizer state kept);
+    # this many in a row stop the run with a checkpoint.
+    max_nonfinite_steps: int = 10
     sample_tokens: int = 200  # generated at the end; 0 turns the sample off
     sample_prompt: str = "def "
     tensorboard: bool = True
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every"):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
+                     "max_nonfinite_steps"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.stop_at is not None and self.stop_at < 1:

@@ -11,6 +11,7 @@ step on machines without them.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -21,7 +22,9 @@ from flax import nnx
 
 from mamba_jax import sharding as shd
 from mamba_jax.config import MambaConfig
+from mamba_jax.losses import linear_cross_entropy
 from mamba_jax.model import MambaLM, abstract_model
+from mamba_jax.scan_sharding import sum_over_token_shards
 from mamba_jax.training.run_config import TrainConfig
 
 
@@ -123,6 +126,26 @@ def loss_terms(graphdef, params, batch):
     batch: inputs (b, l) int32, targets (b, l) int32, and optionally mask (b, l) float32 (1 where
     a position counts; synthetic tasks score only some positions)."""
     model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(batch["inputs"])  # (b, l, d) compute dtype
+    targets = batch["targets"]
+    mask = batch.get("mask")
+    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    # The tied head and the cross-entropy a chunk of positions at a time (the padded vocab rows
+    # get no probability mass): the (b, l, v) logits never exist whole.
+    # With the length split over the mesh, each device sums its own positions.
+    ce = functools.partial(linear_cross_entropy, vocab_size=model.config.vocab_size)
+    total, correct = sum_over_token_shards(
+        ce,
+        dict(hidden=hidden, targets=targets, mask=mask),
+        dict(table=model.embedding.embedding[...]),
+    )
+    return total, mask.sum(), correct
+
+
+def reference_loss_terms(graphdef, params, batch):
+    """`loss_terms` the plain way: the whole (b, l, v) float32 logits and optax's cross-entropy.
+    The reference that tests and benchmarks/train_throughput.py check loss_terms against."""
+    model = nnx.merge(graphdef, params)
     logits = model(batch["inputs"])  # (b, l, v_pad) float32
     vocab = model.config.vocab_size
     if vocab < logits.shape[-1]:  # padded vocab rows get no probability mass
@@ -134,16 +157,19 @@ def loss_terms(graphdef, params, batch):
     return (losses * mask).sum(), mask.sum(), (correct * mask).sum()
 
 
-def make_train_step(graphdef, tx, train_config: TrainConfig, shardings, mesh):
+def make_train_step(graphdef, tx, train_config: TrainConfig, shardings, mesh, *,
+                    loss=loss_terms):  # fmt: skip
     """jit'd (state, batch) -> (state, metrics); state donated, layouts explicit.
 
     The loss is the mean over all scored positions of the whole batch, so accumulating
-    `grad_accum` micro-batches gives the same update as one large batch."""
+    `grad_accum` micro-batches gives the same update as one large batch. `loss` is loss_terms
+    (or reference_loss_terms, for checks). metrics: loss, grad_norm, lr, and nonfinite (1.0 when
+    this step's loss or gradient was not finite and its update was skipped; NonfiniteGuard)."""
     accum = train_config.grad_accum
     schedule = lr_schedule(train_config)
 
     def summed(params, batch):
-        total, count, _ = loss_terms(graphdef, params, batch)
+        total, count, _ = loss(graphdef, params, batch)
         return total, count
 
     grad_fn = jax.value_and_grad(summed, has_aux=True)
@@ -167,33 +193,79 @@ def make_train_step(graphdef, tx, train_config: TrainConfig, shardings, mesh):
             (total, count, grads), _ = jax.lax.scan(body, init, jax.tree.map(split, batch))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        # A non-finite loss or gradient skips the update: params and optimizer state stay as
+        # they were (the select fuses into the optimizer's elementwise kernels), the step counts.
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = {
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
+            "params": keep(optax.apply_updates(params, updates), params),
+            "opt_state": keep(opt_state, state["opt_state"]),
             "step": state["step"] + 1,
             "rng": state["rng"],
         }
         metrics = {
             "loss": total / count,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state["step"]),
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
         }
         return new_state, metrics
 
     rep = shd.replicated(mesh)
     return jax.jit(
-        step,
+        shd.under_mesh(step, mesh),  # the scan and the conv find the mesh: shard_map inside
         in_shardings=(shardings, shd.batch_sharding(mesh)),
-        out_shardings=(shardings, {"loss": rep, "grad_norm": rep, "lr": rep}),
+        out_shardings=(shardings, {k: rep for k in ("loss", "grad_norm", "lr", "nonfinite")}),
         donate_argnums=0,
     )
+
+
+class NonfiniteGuard:
+    """Counts the train steps skipped for a non-finite loss or gradient (the step's `nonfinite`
+    metric), and says when `limit` came in a row.
+
+    Call `update(metrics)` after each train step. It reads the previous step's flag, which the
+    device has finished (or is about to) by the time the next step is dispatched, so the loop
+    never waits on the step it just launched; a run of `limit` is therefore seen one step late.
+    """
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"train.max_nonfinite_steps must be >= 1, got {limit}")
+        self.limit = limit
+        self.in_a_row = 0
+        self._total = 0
+        self._pending = None
+
+    def _read(self):
+        if self._pending is not None:
+            flag, self._pending = float(self._pending), None
+            self._total += int(flag > 0)
+            self.in_a_row = self.in_a_row + 1 if flag > 0 else 0
+
+    def update(self, metrics) -> str | None:
+        """metrics: the train step's. Returns a message once `limit` steps in a row were
+        skipped (the caller saves a checkpoint and stops), else None."""
+        self._read()
+        self._pending = metrics["nonfinite"]
+        if self.in_a_row >= self.limit:
+            return (f"{self.in_a_row} train steps in a row had a non-finite loss or gradient "
+                    f"(train.max_nonfinite_steps={self.limit}); their updates were skipped")  # fmt: skip
+        return None
+
+    @property
+    def total(self) -> int:
+        """Skipped steps so far, the latest included (this waits for it)."""
+        self._read()
+        return self._total
 
 
 def make_eval_step(graphdef, shardings, mesh):
     """jit'd (params, batch) -> (summed loss, scored positions, correct predictions)."""
     return jax.jit(
-        lambda params, batch: loss_terms(graphdef, params, batch),
+        shd.under_mesh(lambda params, batch: loss_terms(graphdef, params, batch), mesh),
         in_shardings=(shardings["params"], shd.batch_sharding(mesh)),
         out_shardings=shd.replicated(mesh),
     )
