@@ -1,7 +1,8 @@
 """Pallas selective-scan kernels for NVIDIA Hopper (Mosaic GPU), runnable in interpret mode on CPU.
 
     y, final_state = selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias,
-                                           delta_softplus=True, initial_state=None)
+                                           delta_softplus=True, initial_state=None,
+                                           segment_ids=None)
 
 Semantics are mamba_jax.scan.selective_scan's (see its docstring); this package knows nothing of
 Flax or of mamba_jax. The README beside this file describes the algorithm and the timings.
@@ -18,15 +19,42 @@ from pallas_kernels import _common as cm
 from pallas_kernels._common import BlockSizes
 from pallas_kernels.selective_scan_bwd import backward
 from pallas_kernels.selective_scan_fwd import forward
+from pallas_kernels.tpu_scan import TpuBlockSizes, selective_scan_tpu, tpu_unsupported_reason
 
-__all__ = ["BlockSizes", "selective_scan_pallas", "supported", "unsupported_reason"]
+__all__ = [
+    "BlockSizes",
+    "TpuBlockSizes",
+    "selective_scan_pallas",
+    "selective_scan_tpu",
+    "supported",
+    "unsupported_reason",
+]
+PLATFORMS = (None, "gpu", "tpu")
 
 MAX_D_STATE = 256
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def unsupported_reason(*, batch, length, d, n, groups, dtype, backend=None, interpret=False):
-    """None when the kernel handles this call on `backend` (default jax.default_backend())."""
+def _platform(platform, backend=None):
+    """The kernel family a call uses: the one asked for, else TPU on a TPU backend, else GPU."""
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+    return platform or ("tpu" if (backend or jax.default_backend()) == "tpu" else "gpu")
+
+
+def unsupported_reason(
+    *, batch, length, d, n, groups, dtype, backend=None, interpret=False, platform=None
+):
+    """None when the kernel handles this call on `backend` (default jax.default_backend()).
+    platform: "gpu" (Mosaic GPU), "tpu" (Mosaic TPU) or None (TPU on a TPU backend, else GPU)."""
+    if _platform(platform, backend) == "tpu":
+        reason = tpu_unsupported_reason(
+            batch=batch, length=length, d=d, n=n, groups=groups, dtype=dtype
+        )
+        backend = backend or jax.default_backend()
+        if reason is None and not interpret and backend != "tpu":
+            reason = f"the Mosaic TPU kernel needs a TPU backend, got {backend!r}"
+        return reason
     if not any(jnp.dtype(dtype) == jnp.dtype(t) for t in _DTYPES):
         return f"dtype must be float32, bfloat16 or float16, got {jnp.dtype(dtype).name}"
     if min(batch, length, d, n, groups) < 1:
@@ -97,14 +125,56 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
     return b, length, e, n, g
 
 
+def _validate_segment_ids(segment_ids, b, length):
+    if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+        raise ValueError(f"segment_ids must be an array, got {type(segment_ids).__name__}")
+    if tuple(segment_ids.shape) != (b, length):
+        raise ValueError(
+            f"segment_ids must have shape (b, l)={(b, length)}, got {tuple(segment_ids.shape)}"
+        )
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must have an integer dtype, got {segment_ids.dtype}")
+
+
 def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
-                          delta_softplus=False, initial_state=None, interpret=False,
-                          block_sizes=None):  # fmt: skip
+                          delta_softplus=False, initial_state=None, segment_ids=None,
+                          platform=None, interpret=False, block_sizes=None):  # fmt: skip
     """u, delta, z: (b, l, e); A: (e, n) f32; B, C: (b, l, n) or (b, l, g, n); D, delta_bias: (e,)
-    f32; initial_state: (b, e, n) f32 or None. Returns (y (b, l, e) in u.dtype, final_state
-    (b, e, n) f32). Differentiable (custom_vjp) in every array argument, including initial_state,
-    and through final_state. interpret=True (or plgpu.InterpretGPUParams) runs on CPU."""
+    f32; initial_state: (b, e, n) f32 or None; segment_ids: (b, l) int or None (packed rows: the
+    state restarts from zero where the id changes from the previous position's; the initial state
+    feeds the first segment). Returns (y (b, l, e) in u.dtype, final_state (b, e, n) f32).
+    Differentiable (custom_vjp) in every float argument, including initial_state, and through
+    final_state. platform: "gpu", "tpu" or None (TPU on a TPU backend, else GPU).
+    interpret=True (or plgpu.InterpretGPUParams / pltpu.InterpretParams) runs on CPU;
+    block_sizes: BlockSizes for the GPU kernels, TpuBlockSizes for the TPU ones."""
+    if _platform(platform) == "tpu":
+        if block_sizes is not None and not isinstance(block_sizes, TpuBlockSizes):
+            raise ValueError(
+                f"block_sizes must be a TpuBlockSizes on TPU, got {type(block_sizes).__name__}"
+            )
+        if not interpret and jax.default_backend() != "tpu":
+            raise ValueError(
+                "selective_scan_pallas(platform='tpu') needs a TPU backend or interpret=True, "
+                f"got backend {jax.default_backend()!r}"
+            )
+        return selective_scan_tpu(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            delta_softplus=delta_softplus,
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+            interpret=interpret,
+            block_sizes=block_sizes,
+        )
     b, length, e, n, g = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if segment_ids is not None:
+        _validate_segment_ids(segment_ids, b, length)
     reason = unsupported_reason(
         batch=b, length=length, d=e, n=n, groups=g, dtype=u.dtype, interpret=bool(interpret)
     )
@@ -121,7 +191,10 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     z_arg = z if z is not None else jnp.zeros((), u.dtype)
     meta = (tuple(Bg.shape), jnp.dtype(B.dtype), jnp.dtype(C.dtype), jnp.dtype(z_arg.dtype))
     static = (plan, bool(delta_softplus), interpret, z is not None, meta)
-    return _scan(static, u, delta, z_arg, Bg, Cg, A, D, delta_bias, h0)
+    # Segment starts as exponent offsets (0, or -inf where the decay must vanish), data only: no
+    # gradient flows to segment_ids. None keeps the kernels exactly as without segments.
+    reset = None if segment_ids is None else cm.segment_resets(segment_ids, plan)
+    return _scan(static, u, delta, z_arg, Bg, Cg, A, D, delta_bias, h0, reset)
 
 
 def _pad_operands(plan, u, delta, z, B, C, A, D, bias, h0):
@@ -150,14 +223,14 @@ def _silu_parts(z):
     return zf * sig, sig * (1.0 + zf * (1.0 - sig))  # silu(z), silu'(z)
 
 
-def _forward(static, u, delta, z, B, C, A, D, bias, h0, save):
+def _forward(static, u, delta, z, B, C, A, D, bias, h0, reset, save):
     plan, softplus, interpret = static[:3]
     padded = _pad_operands(plan, u, delta, z, B, C, A, D, bias, h0)
     u_, delta_, z_, B_, C_, A_, D_, bias_, h0_ = padded
-    kw = dict(delta_softplus=softplus, save_checkpoints=save, interpret=interpret)
+    kw = dict(delta_softplus=softplus, save_checkpoints=save, reset=reset, interpret=interpret)
     if plan.n_split == 1:
         y, h, ckpt, _ = forward(*padded, plan, **kw)
-        res = (padded, [ckpt], None)
+        res = (padded, [ckpt], None, reset)
     else:
         # d_state > 16: independent 16-state scans whose partial outputs sum to y before D and z.
         outs = [
@@ -180,22 +253,22 @@ def _forward(static, u, delta, z, B, C, A, D, bias, h0, save):
         y_pre = sum(o[0] for o in outs) + u_.astype(jnp.float32) * D_
         y = y_pre if z_ is None else y_pre * _silu_parts(z_)[0]
         y, h = y.astype(u.dtype), jnp.concatenate([o[1] for o in outs], axis=-1)
-        res = (padded, [o[2] for o in outs], y_pre)
+        res = (padded, [o[2] for o in outs], y_pre, reset)
     y = cm.unpad_channels(y[:, : plan.length], plan, 2)
     h = cm.unpad_channels(h[..., : plan.n], plan, 1)
     return (y, h), res
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(static, u, delta, z, B, C, A, D, bias, h0):
-    return _forward(static, u, delta, z, B, C, A, D, bias, h0, save=False)[0]
+def _scan(static, u, delta, z, B, C, A, D, bias, h0, reset):
+    return _forward(static, u, delta, z, B, C, A, D, bias, h0, reset, save=False)[0]
 
 
-def _scan_fwd(static, u, delta, z, B, C, A, D, bias, h0):
-    return _forward(static, u, delta, z, B, C, A, D, bias, h0, save=True)
+def _scan_fwd(static, u, delta, z, B, C, A, D, bias, h0, reset):
+    return _forward(static, u, delta, z, B, C, A, D, bias, h0, reset, save=True)
 
 
-def _backward_split(plan, softplus, interpret, padded, ckpts, y_pre, gy, gh):
+def _backward_split(plan, softplus, interpret, padded, ckpts, y_pre, reset, gy, gh):
     """d_state > 16: the z gate and D skip in JAX, then one backward kernel per 16 states."""
     u, delta, z, B, C, A, D, bias, _ = padded
     gy = gy.astype(jnp.float32)
@@ -219,6 +292,7 @@ def _backward_split(plan, softplus, interpret, padded, ckpts, y_pre, gy, gh):
             plan,
             delta_softplus=softplus,
             grad_dtype=jnp.float32,
+            reset=reset,
             interpret=interpret,
         )  # fmt: skip
         for sl, ck in zip(_state_slices(plan), ckpts, strict=True)
@@ -232,16 +306,16 @@ def _backward_split(plan, softplus, interpret, padded, ckpts, y_pre, gy, gh):
 
 def _scan_bwd(static, res, cotangents):
     plan, softplus, interpret, has_z, (b_shape, b_dtype, c_dtype, z_dtype) = static
-    padded, ckpts, y_pre = res
+    padded, ckpts, y_pre, reset = res
     gy, gh = cotangents
     gy = cm.pad_length(cm.pad_channels(gy, plan, 2), plan)
     gh = cm.pad_last(cm.pad_channels(gh, plan, 1), plan.n_total)
     if plan.n_split == 1:
         u, delta, z, B, C, A, D, bias, _ = padded
         grads = backward(u, delta, z, B, C, A, D, bias, ckpts[0], gy, gh, plan,
-                         delta_softplus=softplus, interpret=interpret)  # fmt: skip
+                         delta_softplus=softplus, reset=reset, interpret=interpret)  # fmt: skip
     else:
-        grads = _backward_split(plan, softplus, interpret, padded, ckpts, y_pre, gy, gh)
+        grads = _backward_split(plan, softplus, interpret, padded, ckpts, y_pre, reset, gy, gh)
     du, ddelta, dz, dB, dC, dA, dD, dbias, dh0 = grads
     L = plan.length
     uc = lambda x, axis: cm.unpad_channels(x, plan, axis)
@@ -252,7 +326,8 @@ def _scan_bwd(static, res, cotangents):
     dA = uc(dA[:, :n], 0)
     dD, dbias = uc(dD, 0), uc(dbias, 0)
     dh0 = uc(dh0[..., :n], 1)
-    return (du, ddelta, dz, dB.astype(b_dtype), dC.astype(c_dtype), dA, dD, dbias, dh0)
+    d_reset = None if reset is None else jnp.zeros_like(reset)  # segment starts are data
+    return (du, ddelta, dz, dB.astype(b_dtype), dC.astype(c_dtype), dA, dD, dbias, dh0, d_reset)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)

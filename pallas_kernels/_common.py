@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 W = 128  # channels per block: one warpgroup, one thread per channel
@@ -230,6 +231,25 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+def decay(dt, A_r, n, reset=None):
+    """exp(dt A) = exp2(dt A'), (W, n), with A_r = A' = A log2(e) pre-scaled.
+
+    reset: None, or the token's segment reset offset (`load_reset`), a scalar every thread reads:
+    0, or -inf where a new segment starts. exp2(dt A' - inf) = 0 zeroes the decay there, so the
+    state restarts from zero (forward) and the adjoint stops (backward); dt A' + reset is one FMA
+    where dt A' was one FMUL, so the reset costs no arithmetic, only one scalar SMEM load."""
+    x = rows(dt, n) * A_r
+    if reset is not None:
+        x = x + reset
+    return jnp.exp2(x)
+
+
+def load_reset(ref, t):
+    """Token t's reset offset from a (T, RESET_ROW) SMEM tile, a scalar (every thread reads the
+    same word, one broadcast load)."""
+    return ref[t, 0]
+
+
 def token_loop(n_tokens, step, carry, unroll):
     """carry = step(t, carry) for t in 0..n_tokens-1: straight-line code with static t when
     unroll (the compiler can then overlap the tokens' loads and exponentials), else a loop."""
@@ -289,6 +309,33 @@ def chunk_combine(decay, local, h0):
     )
     ends = a_cum * h0[:, None] + cum  # (b, c, e, n)
     return jnp.concatenate([h0[:, None], ends[:, :-1]], axis=1)
+
+
+# TMA rows must be multiples of 16 bytes: a token's reset offset is repeated over 4 fp32 words.
+RESET_ROW = 4
+
+
+def segment_resets(segment_ids, plan: Plan):
+    """segment_ids (b, l) int -> (b, l_pad, RESET_ROW) f32 exponent offsets for `decay`: -inf where
+    a new segment starts (the id differs from the previous position's), 0 elsewhere, at position 0
+    (the initial state feeds the first segment) and past l."""
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]  # (b, l - 1)
+    starts = jnp.pad(starts, [(0, 0), (1, plan.length_pad - plan.length)])  # (b, l_pad)
+    offsets = jnp.where(starts, -jnp.inf, 0.0).astype(jnp.float32)
+    return jnp.broadcast_to(offsets[..., None], (*offsets.shape, RESET_ROW))
+
+
+def reset_spec(plan: Plan, bi, tile_of):
+    """BlockSpec of the (b, l_pad, RESET_ROW) reset offsets inside a kernel: the (T, RESET_ROW)
+    tile tile_of(i) of batch row bi."""
+    return pl.BlockSpec((None, plan.tile, RESET_ROW), lambda i: (bi, tile_of(i), 0))
+
+
+def chunk_alive(reset, n_chunks):
+    """(b, c) f32: 1 for a chunk with no segment start inside it, else 0. A chunk's affine map
+    h_end = exp(A sum dt) alive h_start + h_local: a reset inside cuts the start state off."""
+    b = reset.shape[0]
+    return jnp.all(reset[..., 0].reshape(b, n_chunks, -1) == 0, axis=-1).astype(jnp.float32)
 
 
 def cdiv(a, b):

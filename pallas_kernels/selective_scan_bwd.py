@@ -16,6 +16,10 @@ Main pass, per block (W = 128 channels, one chunk), tiles in reverse:
   SMEM -> HBM: du, d_delta, dz tiles; per-block partials of dB, dC (T, n) f32 (summed over blocks
                in JAX, in a fixed order, so the gradients are deterministic); at the end dA, dD,
                d_bias partials and G at the chunk start (the initial state's cotangent for chunk 0).
+
+Packed sequences: with `reset` (cm.segment_resets) the decay a_t is 0 where a new segment starts,
+in the recompute and in the adjoint alike, so G stops there (G_{t-1} = a_t lam_t = 0) and the
+chunk maps of the adjoint pass lose their G_end term when a reset lies inside (cm.chunk_alive).
 """
 
 from __future__ import annotations
@@ -86,18 +90,23 @@ def _warp_sums(pc, pb, red_s, t, n, interpret):
     reduce(pc, pb, red_s)
 
 
-def adjoint_pass(delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, interpret=False):
+def adjoint_pass(
+    delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, reset=None, interpret=False
+):
     """Pass 1: each chunk backwards from G = 0. Returns G at each chunk's start (b, c, e, n) and
     each chunk's sum of dt (b, c, e), which gives the chunk's decay exp(A sum dt)."""
     T, n = plan.tile, plan.n_pad
     epg, tpc = plan.eblocks_per_group, plan.tiles_per_chunk
     has_z = z is not None
+    has_reset = reset is not None
 
     def kernel(*refs):
         it = iter(refs)
         d_g = next(it)
         z_g = next(it) if has_z else None
-        gy_g, C_g, A_g, bias_g, gloc_g, dts_g, g_s, dts_s = (next(it) for _ in range(8))
+        gy_g, C_g = next(it), next(it)
+        R_g = next(it) if has_reset else None
+        A_g, bias_g, gloc_g, dts_g, g_s, dts_s = (next(it) for _ in range(6))
         bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
         e0 = pl.multiple_of(eb * W, W)
         A_r = cm.load_state(A_g.at[pl.ds(e0, W)])
@@ -105,10 +114,12 @@ def adjoint_pass(delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, int
         last = ci * tpc + tpc - 1
 
         def body(idx, *srefs):
-            if has_z:
-                d_s, z_s, gy_s, C_s, carry = srefs
-            else:
-                (d_s, gy_s, C_s, carry), z_s = srefs, None
+            it = iter(srefs)
+            d_s = next(it)
+            z_s = next(it) if has_z else None
+            gy_s, C_s = next(it), next(it)
+            R_s = next(it) if has_reset else None
+            carry = next(it)
             tile_idx = last - idx[0]
 
             def step(i, carry):
@@ -121,7 +132,8 @@ def adjoint_pass(delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, int
                     zz = cm.load_row(z_s.at[t])
                     gys = gys * zz * cm.sigmoid(zz)
                 lam = G + cm.rows(gys, n) * cm.cols(cm.load_col(C_s.at[t]))
-                return jnp.exp2(cm.rows(dt, n) * A_r) * lam, dts + dt
+                rt = cm.load_reset(R_s, t) if has_reset else None
+                return cm.decay(dt, A_r, n, rt) * lam, dts + dt
 
             carry = cm.token_loop(T, step, carry, plan.unroll)
             # The pipeline refills this SMEM slot right after the body: all warps must be done.
@@ -132,6 +144,9 @@ def adjoint_pass(delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, int
         bc = pl.BlockSpec((None, T, None, n), lambda i: (bi, last - i, eb // epg, 0))
         specs = [tok] + ([tok] if has_z else []) + [tok, bc]
         ops = (d_g,) + ((z_g,) if has_z else ()) + (gy_g, C_g)
+        if has_reset:
+            specs.append(cm.reset_spec(plan, bi, lambda i: last - i))
+            ops += (R_g,)
         G, dts = plgpu.emit_pipeline(
             body,
             grid=(tpc,),
@@ -147,7 +162,8 @@ def adjoint_pass(delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, int
         plgpu.wait_smem_to_gmem(0)
 
     b, c, e = plan.b, plan.n_chunks, plan.e_pad
-    ops = (delta,) + ((z,) if has_z else ()) + (gy, C, A, bias)
+    ops = (delta,) + ((z,) if has_z else ()) + (gy, C) + ((reset,) if has_reset else ())
+    ops += (A, bias)
     return plgpu.kernel(
         kernel,
         out_type=(
@@ -170,7 +186,7 @@ def dbc_round(plan: cm.Plan):
 
 
 def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, delta_softplus,
-              grad_dtype=None, interpret=False):  # fmt: skip
+              grad_dtype=None, reset=None, interpret=False):  # fmt: skip
     """Gradients of every chunk, walking backwards from G_end (b, c, e, n) at each chunk's end.
 
     dB and dC come back as per-block partial sums over the block's W channels, flattened as
@@ -180,6 +196,7 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
     R = dbc_round(plan)
     epg, tpc = plan.eblocks_per_group, plan.tiles_per_chunk
     has_z = z is not None
+    has_reset = reset is not None
     n_copies = (3 if has_z else 2) + 1
     du_dtype, dd_dtype = (grad_dtype, grad_dtype) if grad_dtype else (u.dtype, delta.dtype)
 
@@ -187,7 +204,9 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
         it = iter(refs)
         u_g, d_g = next(it), next(it)
         z_g = next(it) if has_z else None
-        B_g, C_g, gy_g, ck_g, A_g, D_g, bias_g, gend_g = (next(it) for _ in range(8))
+        B_g, C_g, gy_g, ck_g = (next(it) for _ in range(4))
+        R_g = next(it) if has_reset else None
+        A_g, D_g, bias_g, gend_g = (next(it) for _ in range(4))
         du_g, dd_g = next(it), next(it)
         dz_g = next(it) if has_z else None
         dbc_g, dA_g, dD_g, dbias_g, dh_g = (next(it) for _ in range(5))
@@ -204,10 +223,12 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
         last = ci * tpc + tpc - 1
 
         def body(idx, *srefs):
-            if has_z:
-                u_s, d_s, z_s, B_s, C_s, gy_s, ck_s, carry = srefs
-            else:
-                (u_s, d_s, B_s, C_s, gy_s, ck_s, carry), z_s = srefs, None
+            it = iter(srefs)
+            u_s, d_s = next(it), next(it)
+            z_s = next(it) if has_z else None
+            B_s, C_s, gy_s, ck_s = (next(it) for _ in range(4))
+            R_s = next(it) if has_reset else None
+            carry = next(it)
             tile_idx = last - idx[0]
             slot = idx[0] % 2
             plgpu.wait_smem_to_gmem(n_copies, wait_read_only=True)
@@ -216,11 +237,14 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
             def token(t):
                 valid = tile_idx * T + t < plan.length
                 dt, ddt = cm.discretize(cm.load_row(d_s.at[t]), bias, valid, delta_softplus)
-                return dt, ddt, cm.load_row(u_s.at[t])
+                # The reset offset (a scalar, one register) travels with the token, so the
+                # reverse step's decay is the same expression as the recompute's (merged).
+                rt = cm.load_reset(R_s, t) if has_reset else None
+                return dt, ddt, cm.load_row(u_s.at[t]), rt
 
             def step(h, t, tok):
-                dt, _, uu = tok
-                a = jnp.exp2(cm.rows(dt, n) * A_r)
+                dt, _, uu, rt = tok
+                a = cm.decay(dt, A_r, n, rt)
                 return a * h + cm.rows(dt * uu, n) * cm.cols(cm.load_col(B_s.at[t]))
 
             def advance(h, t):
@@ -241,7 +265,7 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
                     hs.append(h)
                 for j in reversed(range(K)):
                     t = k * K + j
-                    dt, ddt, uu = cache[j]
+                    dt, ddt, uu, rt = cache[j]
                     h_t, h_prev = hs[j], (hs[j - 1] if j else h_start)
                     Bt, Ct = cm.load_col(B_s.at[t]), cm.load_col(C_s.at[t])
                     gys = cm.load_row(gy_s.at[t])
@@ -274,8 +298,8 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
                     s = jnp.sum(lam * cm.cols(Bt), axis=1)  # dL/d(dt u)
                     # Same value as in the recompute above; the compiler merges the two (keeping
                     # it in a list compiled to identical registers and spills; NOTES.md, 4b).
-                    a = jnp.exp2(cm.rows(dt, n) * A_r)
-                    g_da = lam * h_prev * a  # dL/d(dt A)
+                    a = cm.decay(dt, A_r, n, rt)
+                    g_da = lam * h_prev * a  # dL/d(dt A); 0 at a segment start (a = 0)
                     # A_r is A log2(e): sum(g_da A) = ln 2 sum(g_da A_r).
                     d_dt = (uu * s + cm.LN2 * jnp.sum(g_da * A_r, axis=1)) * ddt
                     du_s[slot, t] = (dt * s + Dv * gys).astype(du_s.dtype)
@@ -304,6 +328,9 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
         ck = pl.BlockSpec((None, None, W, n), lambda i: (bi, last - i, eb, 0))
         specs = [tok, tok] + ([tok] if has_z else []) + [bc, bc, tok, ck]
         ops = (u_g, d_g) + ((z_g,) if has_z else ()) + (B_g, C_g, gy_g, ck_g)
+        if has_reset:
+            specs.append(cm.reset_spec(plan, bi, lambda i: last - i))
+            ops += (R_g,)
         init = (G0, cm.zeros_state(n), cm.zeros_row(), cm.zeros_row())
         G, dA_acc, dD_acc, db_acc = plgpu.emit_pipeline(
             body, grid=(tpc,), in_specs=specs, max_concurrent_steps=plan.stages, init_carry=init
@@ -346,7 +373,8 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
         # padded by 8 words so the WGMMA-layout loads spread over the banks.
         plgpu.SMEM((W // 32, T * 2 * n), f32) if shuffle else plgpu.SMEM((2 * R * n, W + 8), f32),
     ]
-    ops = (u, delta) + ((z,) if has_z else ()) + (B, C, gy, ckpt, A, D, bias, G_end)
+    ops = (u, delta) + ((z,) if has_z else ()) + (B, C, gy, ckpt)
+    ops += ((reset,) if has_reset else ()) + (A, D, bias, G_end)
     return plgpu.kernel(
         kernel,
         out_type=tuple(out_type),
@@ -360,25 +388,27 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
 
 
 def backward(u, delta, z, B, C, A, D, bias, ckpt, gy, gh, plan: cm.Plan, *,
-             delta_softplus, grad_dtype=None, interpret=False):  # fmt: skip
+             delta_softplus, grad_dtype=None, reset=None, interpret=False):  # fmt: skip
     """All gradients on padded operands. A is pre-scaled by log2(e), as for `forward`; dA is the
     gradient with respect to the unscaled A. gy: (b, l, e) cotangent of y; gh: (b, e, n) of the final
     state; ckpt: the forward's state at every tile start (b, n_tiles, e, n). Runs under
-    plan.backward(), whose chunks need not be the forward's. Returns (du, d_delta, dz or None,
-    dB, dC (b, l, g, n) f32, dA, dD, d_bias, dh0)."""
+    plan.backward(), whose chunks need not be the forward's. reset: None or the forward's
+    (b, l_pad, 4) segment reset offsets. Returns (du, d_delta, dz or None, dB, dC (b, l, g, n)
+    f32, dA, dD, d_bias, dh0)."""
     plan = plan.backward()
     if plan.n_chunks > 1:
-        g_loc, dt_sum = adjoint_pass(
-            delta, z, gy, C, A, bias, plan, delta_softplus=delta_softplus, interpret=interpret
-        )
+        kw = dict(delta_softplus=delta_softplus, reset=reset, interpret=interpret)
+        g_loc, dt_sum = adjoint_pass(delta, z, gy, C, A, bias, plan, **kw)
         decay = jnp.exp2(dt_sum[..., None] * A)  # (b, c, e, n)
+        if reset is not None:
+            decay = decay * cm.chunk_alive(reset, plan.n_chunks)[:, :, None, None]
         flip = lambda x: jnp.flip(x, axis=1)
         G_end = flip(cm.chunk_combine(flip(decay), flip(g_loc), gh))
     else:
         G_end = gh[:, None]
     outs = main_pass(
         u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan, delta_softplus=delta_softplus,
-        grad_dtype=grad_dtype, interpret=interpret,
+        grad_dtype=grad_dtype, reset=reset, interpret=interpret,
     )  # fmt: skip
     du, dd = outs[0], outs[1]
     dz, rest = (outs[2], outs[3:]) if z is not None else (None, outs[2:])

@@ -11,6 +11,12 @@ h_end = exp(A sum(dt)) h_start + h_local, so pass 1 ("state") runs every chunk f
 and returns h_local and sum(dt); a tiny associative scan in JAX composes the chunk maps into each
 chunk's true start state; pass 2 ("full") reruns every chunk from its start state and writes y.
 With one chunk, pass 1 is skipped.
+
+Packed sequences (segment ids): `reset` (b, l_pad, 4) holds 0, or -inf where a new segment
+starts; each token's value is read from SMEM as a scalar and added to the decay's exponent
+(cm.decay), so the state restarts from zero there. A chunk with a reset inside has no dependence on its start state: its combine
+decay is multiplied by 0 (cm.chunk_alive). Without segments (reset None) the kernels are
+unchanged.
 """
 
 from __future__ import annotations
@@ -36,26 +42,32 @@ def _step_inputs(plan, refs, t, tile_idx, bias, delta_softplus):
     return dt, cm.load_row(u_s.at[t])
 
 
-def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, interpret=False):
+def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, reset=None, interpret=False):
     """Pass 1: every chunk from a zero state. Returns h_local (b, c, e, n) f32, sum dt (b, c, e)."""
     T, n = plan.tile, plan.n_pad
     epg = plan.eblocks_per_group
+    has_reset = reset is not None
 
-    def kernel(u_g, d_g, B_g, A_g, bias_g, hloc_g, dts_g, h_s, dts_s):
+    def kernel(*refs):
+        u_g, d_g, B_g = refs[:3]
+        R_g = refs[3] if has_reset else None
+        A_g, bias_g, hloc_g, dts_g, h_s, dts_s = refs[3 + has_reset :]
         bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
         e0 = pl.multiple_of(eb * W, W)
         A_r = cm.load_state(A_g.at[pl.ds(e0, W)])  # (W, n) regs
         bias = cm.load_row(bias_g.at[pl.ds(e0, W)])
         tile0 = _chunk_tiles(plan, ci)
 
-        def body(idx, u_s, d_s, B_s, carry):
+        def body(idx, *srefs):
+            (u_s, d_s, B_s), R_s, carry = srefs[:3], srefs[3] if has_reset else None, srefs[-1]
             tile_idx = tile0 + idx[0]
 
             def step(t, carry):
                 h, dts = carry
                 dt, uu = _step_inputs(plan, (u_s, d_s), t, tile_idx, bias, delta_softplus)
                 Bt = cm.load_col(B_s.at[t])  # (n,)
-                h = jnp.exp2(cm.rows(dt, n) * A_r) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
+                rt = cm.load_reset(R_s, t) if has_reset else None
+                h = cm.decay(dt, A_r, n, rt) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
                 return h, dts + dt
 
             carry = cm.token_loop(T, step, carry, plan.unroll)
@@ -63,17 +75,20 @@ def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, interpret
             plgpu.commit_smem()
             return carry
 
+        in_specs = [
+            pl.BlockSpec((None, T, W), lambda i: (bi, tile0 + i, eb)),
+            pl.BlockSpec((None, T, W), lambda i: (bi, tile0 + i, eb)),
+            pl.BlockSpec((None, T, None, n), lambda i: (bi, tile0 + i, eb // epg, 0)),
+        ]
+        if has_reset:
+            in_specs.append(cm.reset_spec(plan, bi, lambda i: tile0 + i))
         h, dts = plgpu.emit_pipeline(
             body,
             grid=(plan.tiles_per_chunk,),
-            in_specs=[
-                pl.BlockSpec((None, T, W), lambda i: (bi, tile0 + i, eb)),
-                pl.BlockSpec((None, T, W), lambda i: (bi, tile0 + i, eb)),
-                pl.BlockSpec((None, T, None, n), lambda i: (bi, tile0 + i, eb // epg, 0)),
-            ],
+            in_specs=in_specs,
             max_concurrent_steps=plan.stages,
             init_carry=(cm.zeros_state(n), cm.zeros_row()),
-        )(u_g, d_g, B_g)
+        )(u_g, d_g, B_g, *([R_g] if has_reset else []))
         h_s[...] = h
         dts_s[...] = dts
         plgpu.commit_smem()
@@ -94,11 +109,11 @@ def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, interpret
         compiler_params=cm.compiler_params(),
         interpret=cm.interpret_params(interpret),
         kernel_name="selective_scan_fwd_state",
-    )(u, delta, B, A, bias)
+    )(u, delta, B, *([reset] if has_reset else []), A, bias)
 
 
 def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_softplus,
-              save_checkpoints, y_dtype=None, interpret=False):  # fmt: skip
+              save_checkpoints, y_dtype=None, reset=None, interpret=False):  # fmt: skip
     """Pass 2: every chunk from its start state h_start (b, c, e, n).
 
     Returns y (b, l, e) in y_dtype (default u.dtype), the state after each chunk (b, c, e, n), and with
@@ -106,6 +121,7 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
     T, n = plan.tile, plan.n_pad
     epg = plan.eblocks_per_group
     has_z = z is not None
+    has_reset = reset is not None
     y_dtype = jnp.dtype(y_dtype or u.dtype)
     n_out_copies = 2 if save_checkpoints else 1
 
@@ -113,7 +129,9 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
         it = iter(refs)
         u_g, d_g = next(it), next(it)
         z_g = next(it) if has_z else None
-        B_g, C_g, A_g, D_g, bias_g, hst_g = (next(it) for _ in range(6))
+        B_g, C_g = next(it), next(it)
+        R_g = next(it) if has_reset else None
+        A_g, D_g, bias_g, hst_g = (next(it) for _ in range(4))
         y_g, hend_g = next(it), next(it)
         ck_g = next(it) if save_checkpoints else None
         y_s, h_s = next(it), next(it)
@@ -128,10 +146,12 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
         tile0 = _chunk_tiles(plan, ci)
 
         def body(idx, *srefs):
-            if has_z:
-                u_s, d_s, z_s, B_s, C_s, h = srefs
-            else:
-                (u_s, d_s, B_s, C_s, h), z_s = srefs, None
+            it = iter(srefs)
+            u_s, d_s = next(it), next(it)
+            z_s = next(it) if has_z else None
+            B_s, C_s = next(it), next(it)
+            R_s = next(it) if has_reset else None
+            h = next(it)
             tile_idx = tile0 + idx[0]
             slot = idx[0] % 2
             # The copies issued two steps ago read this slot; wait for them before overwriting.
@@ -144,7 +164,8 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
                 h, out = carry
                 dt, uu = _step_inputs(plan, (u_s, d_s), t, tile_idx, bias, delta_softplus)
                 Bt, Ct = cm.load_col(B_s.at[t]), cm.load_col(C_s.at[t])  # (n,)
-                h = jnp.exp2(cm.rows(dt, n) * A_r) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
+                rt = cm.load_reset(R_s, t) if has_reset else None
+                h = cm.decay(dt, A_r, n, rt) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
                 y = jnp.sum(h * cm.cols(Ct), axis=1) + Dv * uu  # (W,)
                 if has_z:
                     zz = cm.load_row(z_s.at[t])
@@ -167,6 +188,9 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
         bc_spec = pl.BlockSpec((None, T, None, n), lambda i: (bi, tile0 + i, eb // epg, 0))
         in_specs = [tok_spec, tok_spec] + ([tok_spec] if has_z else []) + [bc_spec, bc_spec]
         operands = (u_g, d_g) + ((z_g,) if has_z else ()) + (B_g, C_g)
+        if has_reset:
+            in_specs.append(cm.reset_spec(plan, bi, lambda i: tile0 + i))
+            operands += (R_g,)
         h = plgpu.emit_pipeline(
             body,
             grid=(plan.tiles_per_chunk,),
@@ -190,7 +214,8 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
     if save_checkpoints:
         out_type.append(jax.ShapeDtypeStruct((b, n_ck, e, n), jnp.float32))
         scratch.append(plgpu.SMEM((2, W, n), jnp.float32))
-    operands = (u, delta) + ((z,) if has_z else ()) + (B, C, A, D, bias, h_start)
+    operands = (u, delta) + ((z,) if has_z else ()) + (B, C) + ((reset,) if has_reset else ())
+    operands += (A, D, bias, h_start)
     return plgpu.kernel(
         kernel,
         out_type=tuple(out_type),
@@ -204,22 +229,24 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
 
 
 def forward(u, delta, z, B, C, A, D, bias, h0, plan: cm.Plan, *, delta_softplus,
-            save_checkpoints, y_dtype=None, interpret=False):  # fmt: skip
+            save_checkpoints, y_dtype=None, reset=None, interpret=False):  # fmt: skip
     """Both passes on padded operands. h0: (b, e, n) f32; A: (e, n) f32, pre-scaled by log2(e)
-    (the kernels compute exp(dt A) as exp2(dt A log2 e)).
+    (the kernels compute exp(dt A) as exp2(dt A log2 e)); reset: None or (b, l_pad, 4) f32 segment
+    reset offsets (cm.segment_resets).
 
     Returns (y, final state (b, e, n), checkpoints or None, chunk dt sums (b, c, e) or None)."""
     if plan.n_chunks > 1:
-        h_loc, dt_sum = state_pass(
-            u, delta, B, A, bias, plan, delta_softplus=delta_softplus, interpret=interpret
-        )
+        kw = dict(delta_softplus=delta_softplus, reset=reset, interpret=interpret)
+        h_loc, dt_sum = state_pass(u, delta, B, A, bias, plan, **kw)
         decay = jnp.exp2(dt_sum[..., None] * A)  # (b, c, e, n)
+        if reset is not None:
+            decay = decay * cm.chunk_alive(reset, plan.n_chunks)[:, :, None, None]
         h_start = cm.chunk_combine(decay, h_loc, h0)
     else:
         h_start, dt_sum = h0[:, None], None
     outs = full_pass(
         u, delta, z, B, C, A, D, bias, h_start, plan, delta_softplus=delta_softplus,
-        save_checkpoints=save_checkpoints, y_dtype=y_dtype, interpret=interpret,
+        save_checkpoints=save_checkpoints, y_dtype=y_dtype, reset=reset, interpret=interpret,
     )  # fmt: skip
     y, h_end = outs[0], outs[1]
     ckpt = outs[2] if save_checkpoints else None

@@ -39,30 +39,37 @@ def make_args(seed, b, length, e, n, groups, dtype, *, z=True, D=True, bias=True
     )
 
 
-def pallas_fn(softplus, interpret, block_sizes=None):
+def pallas_fn(softplus, interpret, block_sizes=None, segment_ids=None):
     def f(u, delta, A, B, C, D, z, delta_bias, initial_state):
         return pk.selective_scan_pallas(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus=softplus,
-            initial_state=initial_state, interpret=interpret, block_sizes=block_sizes,
+            initial_state=initial_state, segment_ids=segment_ids, interpret=interpret,
+            block_sizes=block_sizes,
         )  # fmt: skip
 
     return f
 
 
-def reference_fn(softplus):
+def reference_fn(softplus, segment_ids=None):
     def f(u, delta, A, B, C, D, z, delta_bias, initial_state):
         return selective_scan(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus=softplus,
-            initial_state=initial_state, return_final_state=True, impl="reference",
+            initial_state=initial_state, return_final_state=True, segment_ids=segment_ids,
+            impl="reference",
         )  # fmt: skip
 
     return f
 
 
-def check_against_reference(args, softplus, interpret, assert_close, block_sizes=None, seed=0):
+def check_against_reference(
+    args, softplus, interpret, assert_close, block_sizes=None, seed=0, segment_ids=None
+):
+    """Forward, final state and the gradient of every array argument against the fp32 reference
+    (segment_ids: (b, l) int, passed to both)."""
     dtype = args["u"].dtype
     names = [k for k in ARG_NAMES if args[k] is not None]
-    fast, ref = pallas_fn(softplus, interpret, block_sizes), reference_fn(softplus)
+    fast = pallas_fn(softplus, interpret, block_sizes, segment_ids)
+    ref = reference_fn(softplus, segment_ids)
 
     def call(fn, *xs):
         kw = dict(zip(names, xs, strict=True))
@@ -153,17 +160,88 @@ def test_default_split_policy(b, e, length, fwd_chunks):
     assert plan.backward().tiles_per_chunk * plan.bwd_chunks == plan.n_tiles
 
 
-@pytest.mark.parametrize("length", [1, 30])
-def test_interpret_forward_lengths_without_races(length, assert_close):
+# L = 30 in 4 chunks of one 8-token tile: segment starts on a chunk boundary (8), a one-token
+# segment (8), and a start at the last position, so the reset tiles are race-checked too.
+@pytest.mark.parametrize("length, starts", [(1, None), (30, [8, 9, 29])])
+def test_interpret_forward_lengths_without_races(length, starts, assert_close):
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
     args = make_args(1, 1, length, 128, 8, 0, jnp.float32)
+    seg = None if starts is None else segment_ids_from_starts(length, starts)
     params = plgpu.InterpretGPUParams(detect_races=True)
-    f, ref = pallas_fn(True, params, pk.BlockSizes(tile=8, chunks=3)), reference_fn(True)
+    bs = pk.BlockSizes(tile=8, chunks=3)
+    f, ref = pallas_fn(True, params, bs, segment_ids=seg), reference_fn(True, segment_ids=seg)
     (y, h), (y_ref, h_ref) = jax.block_until_ready(f(**args)), ref(**args)
     assert not gpu_callbacks.get_races().races_found
     assert_close(y, y_ref, err_msg="y")
     assert_close(h, h_ref, err_msg="final state")
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed sequences: segment ids restart the state inside the kernels, forward and backward.
+
+
+def segment_ids_from_starts(length, *rows):
+    """(b, l) int32 ids, one row per list of positions where a new segment starts."""
+    ids = np.zeros((len(rows), length), np.int32)
+    for r, starts in enumerate(rows):
+        for s in starts:
+            ids[r, s:] += 1
+    return jnp.asarray(ids)
+
+
+# L = 21 in 8-token tiles: tiles (and, split in 3, chunks) start at 8 and 16; the last token is 20.
+SEGMENT_CASES = [
+    # dtype, L, e, n, groups, BlockSizes options, each row's segment starts, (fwd, bwd) chunks.
+    # Split forward and backward; n = 20 runs as two 16-state scans. Row 0: one-token segments at
+    # the first and last positions and at 8-9 (a tile and chunk start), starts inside tiles;
+    # row 1: a start on a chunk boundary and a one-token segment right after it.
+    (jnp.float32, 21, 128, 20, 0, dict(chunks=3), [[1, 5, 8, 9, 10, 20], [16, 17]], (3, 3)),
+    # One-pass forward (split_below=1), backward split in 3, grouped B/C, the token loop not
+    # unrolled. Row 0: one-token segments 1-3 and starts on the backward's chunk boundaries;
+    # row 1: a start at a tile's last token and at the last position.
+    (jnp.bfloat16, 21, 128, 5, 2, dict(split_below=1, unroll=False), [[1, 2, 3, 8, 16], [7, 20]],
+     (1, 3)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case", SEGMENT_CASES, ids=lambda c: f"{jnp.dtype(c[0]).name}-n{c[3]}-g{c[4]}-fwd{c[7][0]}"
+)
+def test_interpret_segments_match_reference(case, assert_close):
+    dtype, length, e, n, groups, opts, starts, chunks = case
+    args = make_args(5, 2, length, e, n, groups, dtype)
+    seg = segment_ids_from_starts(length, *starts)
+    bs = pk.BlockSizes(tile=8, **opts)
+    plan = make_plan(2, length, e, n, max(groups, 1), bs)
+    assert (plan.n_chunks, plan.bwd_chunks) == chunks
+    # The segments change the answer (the reference with and without them differ), so a kernel
+    # that ignored them would fail below.
+    ref = jax.jit(lambda a, f: f(**a)[0], static_argnums=1)
+    y_seg, y_plain = ref(args, reference_fn(True, seg)), ref(args, reference_fn(True))
+    assert not np.allclose(np.asarray(y_seg, np.float32), np.asarray(y_plain, np.float32))
+    check_against_reference(args, True, True, assert_close, block_sizes=bs, segment_ids=seg)
+
+
+def test_segment_ids_reach_the_kernel(monkeypatch):
+    """selective_scan(impl="pallas") hands segment ids to the kernel (no fallback to another
+    scan). The kernel is replaced by a recorder: on CPU only interpret mode could run it."""
+    import pallas_kernels
+
+    calls = []
+
+    def recorder(*args, **kwargs):
+        calls.append(kwargs)
+        return reference_fn(kwargs["delta_softplus"], kwargs["segment_ids"])(
+            *args, initial_state=kwargs["initial_state"]
+        )
+
+    monkeypatch.setattr(pallas_kernels, "unsupported_reason", lambda **kw: None)
+    monkeypatch.setattr(pallas_kernels, "selective_scan_pallas", recorder)
+    args = make_args(0, 1, 6, 8, 4, 0, jnp.float32)
+    seg = segment_ids_from_starts(6, [2])
+    selective_scan(**args, delta_softplus=True, segment_ids=seg, impl="pallas")
+    assert len(calls) == 1 and calls[0]["segment_ids"] is seg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,6 +275,9 @@ def test_dispatcher_refuses_pallas_without_gpu():
         (dict(z=jnp.zeros((1, 4, 8), jnp.int32)), "z"),
         (dict(initial_state=jnp.zeros((1, 8, 5))), "initial_state"),
         (dict(delta_bias=jnp.zeros((8,), jnp.int32)), "delta_bias"),
+        (dict(segment_ids=jnp.zeros((1, 5), jnp.int32)), r"segment_ids must have shape \(b, l\)"),
+        (dict(segment_ids=jnp.zeros((1, 4), jnp.float32)), "segment_ids must have an integer"),
+        (dict(segment_ids=[[0, 0, 1, 1]]), "segment_ids must be an array"),
     ],
 )
 def test_validation_names_argument(bad, match):
@@ -230,6 +311,61 @@ def test_gpu_matches_reference(case, assert_close):
         3, b, length, e, n, groups, dtype, z=z, D=D, bias=bias, h0=h0, softplus=softplus
     )
     check_against_reference(args, softplus, False, assert_close, block_sizes=bs)
+
+
+def random_segment_ids(seed, b, length, plan):
+    """(b, l) int32: random starts (1 in 40), plus in row 0 one-token segments at positions 0-3
+    and at the last position and a start on every forward and backward chunk boundary; with b > 1
+    the last row is one segment."""
+    rng = np.random.default_rng(seed)
+    starts = rng.random((b, length)) < 1 / 40
+    starts[0, [1, 2, 3, length - 1]] = True
+    for tiles in (plan.tiles_per_chunk, plan.backward().tiles_per_chunk):
+        starts[0, tiles * plan.tile :: tiles * plan.tile] = True
+    starts[:, 0] = False
+    if b > 1:
+        starts[-1] = False
+    return jnp.asarray(np.cumsum(starts, axis=1, dtype=np.int32))
+
+
+GPU_SEGMENT_CASES = [
+    # dtype, b, L, e, n, groups, block sizes
+    (jnp.bfloat16, 2, 1000, 384, 16, 0, None),
+    (jnp.float32, 1, 777, 200, 16, 0, pk.BlockSizes(chunks=5)),
+    (jnp.bfloat16, 2, 1000, 384, 16, 2, pk.BlockSizes(split_below=1)),  # one-pass forward
+    (jnp.float16, 3, 129, 256, 8, 2, None),
+    (jnp.float32, 2, 257, 128, 64, 0, None),
+    (jnp.bfloat16, 2, 1000, 384, 16, 0, SHUFFLE_SUM),
+]
+
+
+def _gpu_segment_case_id(c):
+    bs, default = c[6] or pk.BlockSizes(), pk.BlockSizes()
+    opts = [f"{k}{v}" for k, v in vars(bs).items() if v != getattr(default, k)]
+    return f"{jnp.dtype(c[0]).name}-b{c[1]}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}-" + (
+        "-".join(opts) or "default"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_SEGMENT_CASES, ids=_gpu_segment_case_id)
+def test_gpu_segments_match_reference(case, assert_close):
+    dtype, b, length, e, n, groups, bs = case
+    args = make_args(6, b, length, e, n, groups, dtype)
+    plan = make_plan(b, length, e, n, max(groups, 1), bs or pk.BlockSizes())
+    seg = random_segment_ids(7, b, length, plan)
+    check_against_reference(args, True, False, assert_close, block_sizes=bs, segment_ids=seg)
+
+
+@pytest.mark.gpu
+def test_gpu_dispatcher_runs_segments_in_the_kernel():
+    args = make_args(8, 2, 600, 256, 16, 0, jnp.bfloat16)
+    seg = random_segment_ids(9, 2, 600, make_plan(2, 600, 256, 16, 1, pk.BlockSizes()))
+    kw = dict(delta_softplus=True, return_final_state=True, segment_ids=seg)
+    auto = jax.jit(lambda a: selective_scan(**a, **kw))(args)
+    kernel = jax.jit(lambda a: pallas_fn(True, False, segment_ids=seg)(**a))(args)
+    for x, k in zip(auto, kernel, strict=True):  # the same kernel: bitwise equal
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(k))
 
 
 @pytest.mark.gpu
