@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common as cm
 from pallas_kernels._common import BlockSizes
+from pallas_kernels._validation import DTYPES, validate_scan_args, validate_segment_ids
 from pallas_kernels.selective_scan_bwd import backward
 from pallas_kernels.selective_scan_fwd import forward
 from pallas_kernels.tpu_scan import TpuBlockSizes, selective_scan_tpu, tpu_unsupported_reason
@@ -32,7 +33,7 @@ __all__ = [
 PLATFORMS = (None, "gpu", "tpu")
 
 MAX_D_STATE = 256
-_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_DTYPES = DTYPES
 
 
 def _platform(platform, backend=None):
@@ -84,58 +85,6 @@ def supported(**kwargs) -> bool:
     return unsupported_reason(**kwargs) is None
 
 
-def _check(name, x, shape, meaning, dtypes=_DTYPES):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise ValueError(f"{name} must be an array, got {type(x).__name__}")
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {meaning}={tuple(shape)}, got {tuple(x.shape)}")
-    if not any(x.dtype == jnp.dtype(t) for t in dtypes):
-        names = ", ".join(jnp.dtype(t).name for t in dtypes)
-        raise ValueError(f"{name} must have dtype in ({names}), got {x.dtype}")
-
-
-def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
-    if not hasattr(u, "ndim") or u.ndim != 3:
-        raise ValueError(f"u must have shape (b, l, e), got {getattr(u, 'shape', type(u))}")
-    b, length, e = u.shape
-    _check("u", u, u.shape, "(b, l, e)")
-    _check("delta", delta, (b, length, e), "(b, l, e)")
-    if not hasattr(A, "ndim") or A.ndim != 2 or A.shape[0] != e:
-        raise ValueError(f"A must have shape (e, n) with e={e}, got {getattr(A, 'shape', A)}")
-    n = A.shape[1]
-    _check("A", A, (e, n), "(e, n)")
-    if not hasattr(B, "ndim") or B.ndim not in (3, 4):
-        raise ValueError(
-            f"B must have shape (b, l, n) or (b, l, g, n), got {getattr(B, 'shape', B)}"
-        )
-    g = 1 if B.ndim == 3 else B.shape[2]
-    shape_bc = (b, length, n) if B.ndim == 3 else (b, length, g, n)
-    meaning = "(b, l, n)" if B.ndim == 3 else "(b, l, g, n)"
-    _check("B", B, shape_bc, meaning)
-    _check("C", C, shape_bc, meaning)
-    if g < 1 or e % g:
-        raise ValueError(f"B/C groups g={g} must divide e={e}")
-    for name, x in (("D", D), ("delta_bias", delta_bias)):
-        if x is not None:
-            _check(name, x, (e,), "(e,)")
-    if z is not None:
-        _check("z", z, (b, length, e), "(b, l, e)")
-    if initial_state is not None:
-        _check("initial_state", initial_state, (b, e, n), "(b, e, n)")
-    return b, length, e, n, g
-
-
-def _validate_segment_ids(segment_ids, b, length):
-    if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
-        raise ValueError(f"segment_ids must be an array, got {type(segment_ids).__name__}")
-    if tuple(segment_ids.shape) != (b, length):
-        raise ValueError(
-            f"segment_ids must have shape (b, l)={(b, length)}, got {tuple(segment_ids.shape)}"
-        )
-    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-        raise ValueError(f"segment_ids must have an integer dtype, got {segment_ids.dtype}")
-
-
 def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                           delta_softplus=False, initial_state=None, segment_ids=None,
                           platform=None, interpret=False, block_sizes=None):  # fmt: skip
@@ -172,9 +121,9 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
             interpret=interpret,
             block_sizes=block_sizes,
         )
-    b, length, e, n, g = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    b, length, e, n, g = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if segment_ids is not None:
-        _validate_segment_ids(segment_ids, b, length)
+        validate_segment_ids(segment_ids, b, length)
     reason = unsupported_reason(
         batch=b, length=length, d=e, n=n, groups=g, dtype=u.dtype, interpret=bool(interpret)
     )

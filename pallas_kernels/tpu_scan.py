@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import tpu_scan_kernels as kernels
+from pallas_kernels._validation import DTYPES, validate_scan_args, validate_segment_ids
 
 MAX_D_STATE = 256
-_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_DTYPES = DTYPES
 LANES = kernels.LANES
 PICKS = ("gather", "reduce")
 # Below Mosaic's default scoped VMEM limit ("16MB+" in jax's docs/pallas/tpu/details.rst), with
@@ -154,42 +155,8 @@ def tpu_unsupported_reason(*, batch, length, d, n, groups, dtype):
     return None
 
 
-def _check(name, x, shape, meaning):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise ValueError(f"{name} must be an array, got {type(x).__name__}")
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {meaning}={tuple(shape)}, got {tuple(x.shape)}")
-    if not any(x.dtype == jnp.dtype(t) for t in _DTYPES):
-        raise ValueError(f"{name} must have dtype float32, bfloat16 or float16, got {x.dtype}")
-
-
 def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
-    if not hasattr(u, "ndim") or u.ndim != 3:
-        raise ValueError(f"u must have shape (b, l, e), got {getattr(u, 'shape', type(u))}")
-    b, length, e = u.shape
-    _check("u", u, u.shape, "(b, l, e)")
-    _check("delta", delta, (b, length, e), "(b, l, e)")
-    if not hasattr(A, "ndim") or A.ndim != 2 or A.shape[0] != e:
-        raise ValueError(f"A must have shape (e, n) with e={e}, got {getattr(A, 'shape', A)}")
-    n = A.shape[1]
-    _check("A", A, (e, n), "(e, n)")
-    if not hasattr(B, "ndim") or B.ndim not in (3, 4):
-        raise ValueError(
-            f"B must have shape (b, l, n) or (b, l, g, n), got {getattr(B, 'shape', B)}"
-        )
-    g = 1 if B.ndim == 3 else B.shape[2]
-    shape_bc, meaning = (
-        ((b, length, n), "(b, l, n)") if B.ndim == 3 else ((b, length, g, n), "(b, l, g, n)")
-    )
-    _check("B", B, shape_bc, meaning)
-    _check("C", C, shape_bc, meaning)
-    for name, x in (("D", D), ("delta_bias", delta_bias)):
-        if x is not None:
-            _check(name, x, (e,), "(e,)")
-    if z is not None:
-        _check("z", z, (b, length, e), "(b, l, e)")
-    if initial_state is not None:
-        _check("initial_state", initial_state, (b, e, n), "(b, e, n)")
+    b, length, e, n, g = validate_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     reason = tpu_unsupported_reason(batch=b, length=length, d=e, n=n, groups=g, dtype=u.dtype)
     if reason is not None:
         raise ValueError(f"selective_scan_tpu cannot run this call: {reason}")
@@ -254,14 +221,7 @@ def selective_scan_tpu(
 def _segment_keep(segment_ids, b, length):
     """(b, l) int -> (b, l) f32: 0 where a segment starts (the id differs from the previous
     position's), 1 elsewhere and at position 0. It multiplies that token's decay exp(Δ'A)."""
-    if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
-        raise ValueError(f"segment_ids must be an array, got {type(segment_ids).__name__}")
-    if tuple(segment_ids.shape) != (b, length):
-        raise ValueError(
-            f"segment_ids must have shape (b, l)={(b, length)}, got {tuple(segment_ids.shape)}"
-        )
-    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-        raise ValueError(f"segment_ids must have an integer dtype, got {segment_ids.dtype}")
+    validate_segment_ids(segment_ids, b, length)
     same = segment_ids[:, 1:] == segment_ids[:, :-1]
     return jnp.concatenate([jnp.ones((b, 1), bool), same], axis=1).astype(jnp.float32)
 
