@@ -1,27 +1,68 @@
-# `make test` and `make train` bootstrap .venv with a Python >= 3.12 found on this machine.
+# `make help` lists the targets. `make venv` (and every target that runs Python) bootstraps .venv
+# with a Python >= 3.12 found on this machine.
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Extra pytest arguments for `make test` / `make test-fast`, e.g. PYTEST_ARGS='-k scan'.
+PYTEST_ARGS ?=
+# Extra train.py overrides for `make train`, e.g. ARGS='train.steps=50'.
+ARGS ?=
+PYTEST := $(PY) -m pytest -n 2 --dist loadgroup -q
+# What test-fast leaves out: tests marked slow, and the files whose tests train through train.py
+# or several processes, compare sharded training on 8-device meshes, or execute the notebooks
+# (minutes each on 2 cores). `make test` runs everything.
+FAST := -m 'not slow' --ignore=tests/test_notebooks.py --ignore=tests/test_multihost.py \
+  --ignore=tests/test_checkpoint.py --ignore=tests/test_tasks.py --ignore=tests/test_sharding.py
 
-.PHONY: test train lint venv clean
+.DEFAULT_GOAL := help
+.PHONY: help venv lint test test-fast train clean
+
+help:
+	@echo "make venv        create .venv (Python >= 3.12) and install mamba-jax with its test and notebook extras"
+	@echo "make train       train configs/tiny.yaml (minutes on a CPU); ARGS='train.steps=50' adds overrides"
+	@echo "make test        lint (ruff) and the whole test suite; both are reported, and either failing fails"
+	@echo "make test-fast   lint and the suite without its slowest tests (the FAST list in the Makefile)"
+	@echo "                 both take PYTEST_ARGS, e.g. make test PYTEST_ARGS='-k scan'"
+	@echo "make lint        ruff check and ruff format --check"
+	@echo "make clean       remove .venv"
+	@echo "After 'make venv', 'source .venv/bin/activate' makes 'python' the venv's Python (see README.md)."
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/find_python.sh
-	@set -e; py=$$(bash scripts/find_python.sh); echo "using $$py"; \
+	@set -e; py=$$(bash scripts/find_python.sh); \
+	  echo "creating $(VENV) with $$py and installing mamba-jax[test,notebooks] into it (a few minutes, once)"; \
 	  [ -x $(PY) ] || $$py -m venv $(VENV); \
-	  $(PY) -m pip install -q --upgrade pip; \
-	  $(PY) -m pip install -q -e '.[test,notebooks]'; \
-	  touch $(STAMP)
+	  if ! ( $(PY) -m pip install --upgrade pip && $(PY) -m pip install -e '.[test,notebooks]' ) \
+	      > $(VENV)/install.log 2>&1; then \
+	    tail -n 30 $(VENV)/install.log; echo "pip failed: the whole log is $(VENV)/install.log" >&2; exit 1; \
+	  fi; \
+	  touch $(STAMP); echo "done: run 'source $(VENV)/bin/activate' to use it in this shell"
 
+# Both checks run, whatever the first one says; the status is theirs.
 lint: venv
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	@rc=0; $(VENV)/bin/ruff check . || rc=1; $(VENV)/bin/ruff format --check . || rc=1; exit $$rc
 
-test: lint
-	@set -o pipefail; $(PY) -m pytest -n 2 --dist loadgroup -q tests; rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
+# Lint and tests both run and are both reported; the exit status is non-zero if either failed.
+# pytest's status 5 (no tests collected, e.g. a -k that matches nothing) counts as a failure.
+define lint_and_test
+	@lint=0; tests=0; \
+	  $(MAKE) --no-print-directory lint || lint=$$?; \
+	  $(PYTEST) $(1) $(PYTEST_ARGS) || tests=$$?; \
+	  echo; \
+	  if [ $$lint -eq 0 ]; then echo "lint:  passed"; else echo "lint:  FAILED (ruff's report is above)"; fi; \
+	  if [ $$tests -eq 0 ]; then echo "tests: passed"; \
+	  elif [ $$tests -eq 5 ]; then echo "tests: FAILED (no tests collected)"; \
+	  else echo "tests: FAILED (pytest exit status $$tests)"; fi; \
+	  [ $$lint -eq 0 ] && [ $$tests -eq 0 ]
+endef
+
+test: venv
+	$(call lint_and_test,)
+
+test-fast: venv
+	$(call lint_and_test,$(FAST))
 
 train: venv
 	$(PY) train.py --config configs/tiny.yaml $(ARGS)

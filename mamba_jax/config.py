@@ -76,16 +76,20 @@ class MambaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes along ("data", "fsdp", "tensor"); one of them may be -1 (fill)."""
+    """Device mesh sizes along ("data", "fsdp", "tensor", "sequence"); one may be -1 (fill).
+
+    sequence > 1 splits the length of every sequence over that many devices (context
+    parallelism, for sequences too long for one device); train.seq_len must be a multiple."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    sequence: int = 1
 
     def __post_init__(self):
-        sizes = (self.data, self.fsdp, self.tensor)
+        sizes = (self.data, self.fsdp, self.tensor, self.sequence)
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
             raise ValueError(
                 f"mesh sizes must be positive with at most one -1 (fill), got "
-                f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}"
+                f"data={self.data} fsdp={self.fsdp} tensor={self.tensor} sequence={self.sequence}"
             )

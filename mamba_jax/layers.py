@@ -74,7 +74,7 @@ def _rms_norm_bwd(eps, out_dtype, res, g):
     gw = g32 * weight.astype(jnp.float32)
     # d/dx of x * inv: inv * (g - xhat * mean(g * xhat)), with g the cotangent of xhat.
     dx = inv * (gw - xhat * jnp.mean(gw * xhat, axis=-1, keepdims=True))
-    dweight = jnp.sum((g32 * xhat).reshape(-1, x.shape[-1]), axis=0)
+    dweight = jnp.sum(g32 * xhat, axis=tuple(range(x.ndim - 1)))  # keeps a split l axis local
     return dx.astype(x.dtype), dweight.astype(weight.dtype)
 
 
@@ -94,48 +94,68 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...], self.eps, jnp.dtype(self.dtype))
 
 
-def _conv_pre(x, state, kernel, bias):
-    """fp32 conv + bias: x (b, l, e), state (b, w - 1, e), kernel (w, e), bias (e,) -> (b, l, e)."""
+def _conv_pre(x, state, kernel, bias, mask):
+    """fp32 conv + bias: x (b, l, e), state (b, w - 1, e), kernel (w, e), bias (e,), mask
+    (b, l, w) or None -> (b, l, e). Tap k of output t reads xp[t + k], the input w - 1 - k
+    positions back; mask[t, k] = 0 drops it (an input of another packed segment)."""
     width, length = kernel.shape[0], x.shape[1]
     xp = jnp.concatenate([state.astype(x.dtype), x], axis=1).astype(jnp.float32)  # (b, l+w-1, e)
     k32 = kernel.astype(jnp.float32)
-    pre = sum(xp[:, k : k + length] * k32[k] for k in range(width))  # (b, l, e)
+    pre = 0.0
+    for k in range(width):
+        tap = xp[:, k : k + length] * k32[k]  # (b, l, e)
+        pre = pre + (tap if mask is None else tap * mask[:, :, k, None])
     return pre + bias.astype(jnp.float32), xp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def causal_conv1d_silu(x, state, kernel, bias, out_dtype):
+def causal_conv1d_silu(x, state, kernel, bias, out_dtype, mask=None):
     """silu(causal depthwise conv(x) + bias), accumulated in fp32, cast to out_dtype.
 
     x: (b, l, e); state: (b, w - 1, e) the inputs before x (zeros at a sequence start); kernel:
-    (w, e); bias: (e,). The VJP keeps only its inputs and recomputes the conv (w multiply-adds
-    per element), so a training step stores x once instead of the conv output and its SiLU."""
-    return jax.nn.silu(_conv_pre(x, state, kernel, bias)[0]).astype(out_dtype)
+    (w, e); bias: (e,); mask: (b, l, w) float or None (see `conv_segment_mask`). The VJP keeps
+    only its inputs and recomputes the conv (w multiply-adds per element), so a training step
+    stores x once instead of the conv output and its SiLU."""
+    return jax.nn.silu(_conv_pre(x, state, kernel, bias, mask)[0]).astype(out_dtype)
 
 
-def _conv_silu_fwd(x, state, kernel, bias, out_dtype):
-    return causal_conv1d_silu(x, state, kernel, bias, out_dtype), (x, state, kernel, bias)
+def _conv_silu_fwd(x, state, kernel, bias, out_dtype, mask):
+    out = causal_conv1d_silu(x, state, kernel, bias, out_dtype, mask)
+    return out, (x, state, kernel, bias, mask)
 
 
 def _conv_silu_bwd(out_dtype, res, g):
-    x, state, kernel, bias = res
+    x, state, kernel, bias, mask = res
     width, length = kernel.shape[0], x.shape[1]
-    pre, xp = _conv_pre(x, state, kernel, bias)
+    pre, xp = _conv_pre(x, state, kernel, bias, mask)
     sig = jax.nn.sigmoid(pre)
     dpre = g.astype(jnp.float32) * sig * (1.0 + pre * (1.0 - sig))  # (b, l, e)
     k32 = kernel.astype(jnp.float32)
-    # out_t reads xp[t + k] with weight kernel[k], so xp_j gets sum_k kernel[k] dpre[j - k].
-    # x_t is xp[t + w - 1]: dx_t = sum_k kernel[k] dpre[t + w - 1 - k] (zero past the end).
-    tail = jnp.pad(dpre, ((0, 0), (0, width - 1), (0, 0)))  # (b, l + w - 1, e)
-    dx = sum(tail[:, width - 1 - k : width - 1 - k + length] * k32[k] for k in range(width))
-    # state_j is xp[j] for j < w - 1: dstate_j = sum_{k <= j} kernel[k] dpre[j - k].
-    lead = width - 1 - min(length, width - 1)  # dpre may be shorter than w - 1
-    head = jnp.pad(dpre[:, : width - 1], ((0, 0), (width - 1, lead), (0, 0)))  # (b, 2(w - 1), e)
-    dstate = sum(head[:, width - 1 - k : 2 * (width - 1) - k] * k32[k] for k in range(width))
-    dkernel = jnp.stack([jnp.sum(xp[:, k : k + length] * dpre, axis=(0, 1)) for k in range(width)])
+    # Output t reads xp[t + k] through tap k: xp[t + k] gets kernel[k] * dpre[t] (masked).
+    dxp = jnp.zeros(xp.shape, jnp.float32)  # (b, l + w - 1, e)
+    dkernel = []
+    for k in range(width):
+        dk = dpre if mask is None else dpre * mask[:, :, k, None]
+        dxp = dxp.at[:, k : k + length].add(dk * k32[k])
+        dkernel.append(jnp.sum(xp[:, k : k + length] * dk, axis=(0, 1)))
+    dx, dstate = dxp[:, width - 1 :], dxp[:, : width - 1]
     dbias = jnp.sum(dpre, axis=(0, 1))
-    return (dx.astype(x.dtype), dstate.astype(state.dtype), dkernel.astype(kernel.dtype),
-            dbias.astype(bias.dtype))  # fmt: skip
+    dmask = None if mask is None else jnp.zeros_like(mask)  # segment boundaries are data
+    return (dx.astype(x.dtype), dstate.astype(state.dtype),
+            jnp.stack(dkernel).astype(kernel.dtype), dbias.astype(bias.dtype), dmask)  # fmt: skip
+
+
+def conv_segment_mask(segment_ids, width: int):
+    """segment_ids (b, l) int -> (b, l, w) float32: mask[t, k] = 1 where the input w - 1 - k
+    positions before t is in t's segment. Positions before the row's start (the conv state)
+    count as the first position's segment, so a state carried from a previous window feeds the
+    row's first segment."""
+    b, length = segment_ids.shape
+    padded = jnp.concatenate(
+        [jnp.broadcast_to(segment_ids[:, :1], (b, width - 1)), segment_ids], axis=1
+    )  # (b, l + w - 1)
+    taps = [padded[:, k : k + length] == segment_ids for k in range(width)]
+    return jnp.stack(taps, axis=-1).astype(jnp.float32)
 
 
 causal_conv1d_silu.defvjp(_conv_silu_fwd, _conv_silu_bwd)
@@ -177,8 +197,9 @@ class CausalConv1d(nnx.Module):
             else None
         )
 
-    def __call__(self, x, state=None, *, silu=False):
-        """x: (b, l, e); state: (b, w - 1, e) previous inputs or None.
+    def __call__(self, x, state=None, *, silu=False, mask=None):
+        """x: (b, l, e); state: (b, w - 1, e) previous inputs or None; mask: (b, l, w) from
+        `conv_segment_mask` or None (packed rows: no tap reaches into another segment).
 
         Returns (out (b, l, e), new state (b, w - 1, e): the last w - 1 inputs). With silu=True,
         out is silu(conv(x) + bias), accumulated in fp32 as one op with its own VJP
@@ -187,21 +208,25 @@ class CausalConv1d(nnx.Module):
         # previous shard's last w - 1 inputs (a halo; scan_sharding.sharded_causal_conv).
         bias = None if self.bias is None else self.bias[...]
         conv = functools.partial(self._conv, silu=silu)
-        return sharded_causal_conv(conv, x, self.kernel[...], bias, state)
+        return sharded_causal_conv(conv, x, self.kernel[...], bias, state, mask)
 
-    def _conv(self, x, kernel, bias, state, *, silu=False):
-        """`__call__` on arrays: kernel (w, e), bias (e,) or None, state (b, w - 1, e) or None."""
+    def _conv(self, x, kernel, bias, state, mask=None, *, silu=False):
+        """`__call__` on arrays: kernel (w, e), bias (e,) or None, state (b, w - 1, e) or None,
+        mask (b, l, w) or None."""
         bsz, length, e = x.shape
         if state is None:
             state = jnp.zeros((bsz, self.width - 1, e), x.dtype)
         if silu:
             bias = jnp.zeros((e,), jnp.float32) if bias is None else bias
-            out = causal_conv1d_silu(x, state, kernel, bias, jnp.dtype(self.dtype))
+            out = causal_conv1d_silu(x, state, kernel, bias, jnp.dtype(self.dtype), mask)
             tail = jnp.concatenate([state.astype(x.dtype), x[:, -(self.width - 1) :]], axis=1)
             return out, tail[:, tail.shape[1] - (self.width - 1) :]
         xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # (b, l + w - 1, e)
         kernel = kernel.astype(self.dtype)
-        out = sum(xp[:, k : k + length] * kernel[k] for k in range(self.width))  # (b, l, e)
+        taps = [xp[:, k : k + length] * kernel[k] for k in range(self.width)]  # (b, l, e) each
+        if mask is not None:
+            taps = [t * mask[:, :, k, None].astype(t.dtype) for k, t in enumerate(taps)]
+        out = sum(taps)
         if bias is not None:
             out = out + bias.astype(self.dtype)
         return out.astype(self.dtype), xp[:, xp.shape[1] - (self.width - 1) :]

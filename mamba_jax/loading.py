@@ -13,7 +13,9 @@ Orbax and nothing else, so loading a model never imports the training code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 
 import jax
@@ -79,16 +81,36 @@ def split_run_path(path: str) -> tuple[str, int | None] | None:
     return None
 
 
+def _is_read_only_notice(record: logging.LogRecord) -> bool:
+    """False for Orbax's 'Given directory is read only' warning, which it logs whenever a manager
+    is opened with read_only=True (what loading asks for: never write into a model directory),
+    whether or not the directory is writable. Every other record passes."""
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice():
+    logger = logging.getLogger("absl")  # absl.logging, which Orbax uses, logs through this one
+    logger.addFilter(_is_read_only_notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_is_read_only_notice)
+
+
 def _manager(directory: str, items: tuple[str, ...]) -> ocp.CheckpointManager:
     handlers = {
         "config": ocp.JsonCheckpointHandler(),
         "params": ocp.StandardCheckpointHandler(),
     }
-    return ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
-        item_handlers={k: handlers[k] for k in items},
-    )
+    with _quiet_read_only_notice():
+        return ocp.CheckpointManager(
+            os.path.abspath(directory),
+            options=ocp.CheckpointManagerOptions(
+                read_only=True, save_interval_steps=0, create=False
+            ),
+            item_handlers={k: handlers[k] for k in items},
+        )
 
 
 def read_run_config_dict(directory: str, step: int | None = None) -> tuple[dict, int]:

@@ -12,6 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 from mamba_jax.config import MambaConfig
 from mamba_jax.layers import (
     CausalConv1d,
+    conv_segment_mask,
     inverse_softplus,
     logical_param,
     partitioned,
@@ -108,20 +109,24 @@ class MambaMixer(nnx.Module):
             halves.append(checkpoint_name(h, name))
         return halves
 
-    def scan_inputs(self, hidden, conv_state=None, *, step=False):
+    def scan_inputs(self, hidden, conv_state=None, *, step=False, segment_ids=None):
         """The selective scan's inputs from the normalised block input (paper Algorithm 2, 1-5).
 
         hidden: (b, l, d), or (b, d) one token with step=True; conv_state: the last w - 1 conv
         inputs (b, w - 1, e) or None (zeros). Returns (u, delta, B, C, z, conv_state): u, delta,
         z (..., e) with u after the causal conv and silu, delta before its bias and softplus,
-        B, C (..., n), and the updated conv state."""
+        B, C (..., n), and the updated conv state. segment_ids (b, l) int keeps the causal conv
+        inside each packed segment."""
         if step:
             xz = self.in_proj(hidden)  # (..., 2e)
             x, z = jnp.split(xz, 2, axis=-1)  # (..., e) each
             u, conv_state = self.conv1d.step(x, conv_state, silu=True)
         else:
             x, z = self._in_proj_halves(hidden)  # (b, l, e) each
-            u, conv_state = self.conv1d(x, conv_state, silu=True)
+            mask = None
+            if segment_ids is not None:
+                mask = conv_segment_mask(segment_ids, self.config.d_conv)  # (b, l, w)
+            u, conv_state = self.conv1d(x, conv_state, silu=True, mask=mask)
         delta, B, C = self._ssm_inputs(u)
         return u, delta, B, C, z, conv_state
 
@@ -129,18 +134,21 @@ class MambaMixer(nnx.Module):
         """A = -exp(A_log): (e, n) float32, negative (S4D-Real)."""
         return -jnp.exp(self.A_log[...].astype(jnp.float32))
 
-    def __call__(self, hidden, cache=None):
-        """hidden: (b, l, d). cache: None or (conv (b, w - 1, e), ssm (b, e, n)).
+    def __call__(self, hidden, cache=None, segment_ids=None):
+        """hidden: (b, l, d). cache: None or (conv (b, w - 1, e), ssm (b, e, n)). segment_ids:
+        (b, l) int or None; packed documents, the conv and the scan restart at each new id.
 
         Returns out (b, l, d), and the updated cache when one was given."""
         c = self.config
         conv_state, ssm_state = cache if cache is not None else (None, None)
-        x, delta, B, C, z, conv_state = self.scan_inputs(hidden, conv_state)
+        x, delta, B, C, z, conv_state = self.scan_inputs(
+            hidden, conv_state, segment_ids=segment_ids
+        )
         A = self.A()  # (e, n)
         y, ssm_state = selective_scan(
             x, delta, A, B, C, self.D[...], z, self.dt_proj.bias[...],
             delta_softplus=True, initial_state=ssm_state, return_final_state=True,
-            impl=c.scan_impl,
+            segment_ids=segment_ids, impl=c.scan_impl,
         )  # fmt: skip
         out = self.out_proj(y)  # (b, l, d)
         if cache is None:

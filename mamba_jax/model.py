@@ -13,7 +13,7 @@ from flax import nnx
 from mamba_jax.config import MambaConfig
 from mamba_jax.layers import RMSNorm, causal_conv1d_step, partitioned, rms_norm
 from mamba_jax.mixer import MambaMixer
-from mamba_jax.scan import selective_scan_step
+from mamba_jax.scan import segment_ids_from_positions, selective_scan_step
 
 
 class MambaCache(NamedTuple):
@@ -40,11 +40,11 @@ class ResidualBlock(nnx.Module):
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=jnp.dtype(config.dtype))
         self.mixer = MambaMixer(config, rngs=rngs)
 
-    def __call__(self, x, cache=None):
-        """x: (b, l, d) float32 residual stream."""
+    def __call__(self, x, cache=None, segment_ids=None):
+        """x: (b, l, d) float32 residual stream; segment_ids (b, l) int or None."""
         if cache is None:
-            return x + self.mixer(self.norm(x)).astype(jnp.float32)
-        out, cache = self.mixer(self.norm(x), cache)
+            return x + self.mixer(self.norm(x), segment_ids=segment_ids).astype(jnp.float32)
+        out, cache = self.mixer(self.norm(x), cache, segment_ids=segment_ids)
         return x + out.astype(jnp.float32), cache
 
     def step(self, x, cache, A=None):
@@ -169,8 +169,8 @@ REMAT_SAVED = ("mixer_x", "mixer_z", "x_dbl")
 REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED)
 
 
-def _apply_block(block, x):
-    return block(x)
+def _apply_block(block, x, segment_ids=None):
+    return block(x, segment_ids=segment_ids)
 
 
 class MambaLM(nnx.Module):
@@ -224,7 +224,26 @@ class MambaLM(nnx.Module):
                 f"be in [0, {vocab}) (config.vocab_size={vocab})"
             )
 
-    def _trunk(self, x):
+    def _check_segments(self, input_ids, segment_ids, position_ids):
+        """The packed-row arguments -> segment ids (b, l) int or None; position ids that restart
+        at 0 become segment ids here, in one place."""
+        if segment_ids is not None and position_ids is not None:
+            raise ValueError("give segment_ids or position_ids, not both")
+        given, name = (
+            (segment_ids, "segment_ids") if position_ids is None else (position_ids, "position_ids")
+        )
+        if given is None:
+            return None
+        if not hasattr(given, "shape") or tuple(given.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"{name} must have the shape of input_ids (b, l)={tuple(input_ids.shape)}, "
+                f"got {tuple(getattr(given, 'shape', ()))}"
+            )
+        if not jnp.issubdtype(given.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers, got {given.dtype}")
+        return given if position_ids is None else segment_ids_from_positions(given)
+
+    def _trunk(self, x, segment_ids=None):
         """The layer stack without a cache: x (b, l, d) float32 embeddings -> residual stream.
 
         With config.remat each block is rematerialised under `REMAT_POLICY`: the backward keeps
@@ -234,38 +253,55 @@ class MambaLM(nnx.Module):
 
         def body(x, block):
             if remat:
-                return nnx.remat(_apply_block, policy=REMAT_POLICY, prevent_cse=False)(block, x)
-            return _apply_block(block, x)
+                fn = nnx.remat(_apply_block, policy=REMAT_POLICY, prevent_cse=False)
+                return fn(block, x, segment_ids)
+            return _apply_block(block, x, segment_ids)
 
         return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
 
-    def hidden_states(self, input_ids):
+    def hidden_states(self, input_ids, *, segment_ids=None, position_ids=None):
         """input_ids: (b, l) int -> the final normalised hidden states (b, l, d) in the compute
         dtype: what the tied head multiplies. The training loss takes these and the embedding
-        table (`mamba_jax.losses`), so the (b, l, v) logits are never whole in memory."""
+        table (`mamba_jax.losses`), so the (b, l, v) logits are never whole in memory.
+        segment_ids / position_ids: packed rows, as in `__call__`."""
         self._check_ids(input_ids, 2)
-        return self.norm_f(self._trunk(self.embedding(input_ids).astype(jnp.float32)))
+        segment_ids = self._check_segments(input_ids, segment_ids, position_ids)
+        x = self.embedding(input_ids).astype(jnp.float32)
+        return self.norm_f(self._trunk(x, segment_ids))
 
     def _logits(self, x):
         x = self.norm_f(x)
         table = self.embedding.embedding[...].astype(self.dtype)  # (v, d), tied head
         return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids, cache: MambaCache | None = None, *, last_only: bool = False):
+    def __call__(
+        self,
+        input_ids,
+        cache: MambaCache | None = None,
+        *,
+        segment_ids=None,
+        position_ids=None,
+        last_only: bool = False,
+    ):
         """input_ids: (b, l) int. Returns logits (b, l, v) float32, plus the updated cache if given.
 
-        last_only=True computes the head on the last position only, (b, 1, v): a prefill for
-        decoding needs no more, and the full (b, l, v) float32 logits can be gigabytes.
+        segment_ids: (b, l) int or None, for rows that pack several documents: where the id
+        changes, the scan's state restarts from zero and the causal conv does not reach back
+        across the boundary, so no document sees another. position_ids that restart at 0 for
+        each document may be given instead. last_only=True computes the head on the last
+        position only, (b, 1, v): a prefill for decoding needs no more, and the full (b, l, v)
+        float32 logits can be gigabytes.
         """
         self._check_ids(input_ids, 2)
+        segment_ids = self._check_segments(input_ids, segment_ids, position_ids)
         x = self.embedding(input_ids).astype(jnp.float32)  # (b, l, d)
 
         if cache is None:
-            x = self._trunk(x)
+            x = self._trunk(x, segment_ids)
             return self._logits(x[:, -1:] if last_only else x)
 
         def body_cached(x, block, conv, ssm):
-            x, (conv, ssm) = block(x, (conv, ssm))
+            x, (conv, ssm) = block(x, (conv, ssm), segment_ids=segment_ids)
             return x, (conv, ssm)
 
         x, (conv, ssm) = nnx.scan(

@@ -20,8 +20,10 @@ Implementations:
                  only the inputs and the chunk-boundary states for the backward, which recomputes each
                  chunk's states and runs the adjoint recurrence as a reverse associative scan, so no
                  (b, l, e, n) tensor outlives one chunk.
-    pallas       the fused GPU kernel in `pallas_kernels` (Hopper, Mosaic GPU).
-    auto         pallas where `pallas_kernels.supported(...)` says so, associative otherwise.
+    pallas       the fused kernels in `pallas_kernels`: Mosaic GPU on Hopper, Mosaic TPU on a TPU
+                 backend (the TPU one verified in interpret mode and by lowering only).
+    auto         pallas where `pallas_kernels.supported(...)` says so (a Hopper GPU or a TPU
+                 backend), associative otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from mamba_jax import scan_sharding
 
 IMPLS = ("auto", "reference", "associative", "pallas")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -88,6 +92,32 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
     return bsz, length, e, n, g
 
 
+def segment_keep(segment_ids, shape):
+    """segment_ids (b, l) int -> keep (b, l) float32: 0 where a new segment starts (the id differs
+    from the previous position's), 1 elsewhere, and 1 at position 0 (the initial state, zeros by
+    default, enters the first segment)."""
+    if not hasattr(segment_ids, "shape") or tuple(segment_ids.shape) != tuple(shape):
+        got = tuple(getattr(segment_ids, "shape", ()))
+        raise ValueError(f"segment_ids must have shape (b, l)={tuple(shape)}, got {got}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be integers, got {segment_ids.dtype}")
+    same = segment_ids[:, 1:] == segment_ids[:, :-1]  # (b, l - 1)
+    first = jnp.ones((shape[0], 1), bool)
+    return jnp.concatenate([first, same], axis=1).astype(jnp.float32)
+
+
+def segment_ids_from_positions(position_ids):
+    """position_ids (b, l) int that restart at 0 for each packed document -> segment ids (b, l):
+    a new segment begins wherever the position is 0."""
+    if not hasattr(position_ids, "ndim") or position_ids.ndim != 2:
+        raise ValueError(
+            f"position_ids must have shape (b, l), got {getattr(position_ids, 'shape', None)}"
+        )
+    if not jnp.issubdtype(position_ids.dtype, jnp.integer):
+        raise ValueError(f"position_ids must be integers, got {position_ids.dtype}")
+    return jnp.cumsum(position_ids == 0, axis=1, dtype=jnp.int32)
+
+
 def _as_groups(B):
     return B[:, :, None, :] if B.ndim == 3 else B  # (b, l, g, n)
 
@@ -116,25 +146,30 @@ def _output(y, u, D, z, out_dtype):
 # The sequential reference.
 
 
-def _recurrence_step(h, u, dt, A, B, C):
+def _recurrence_step(h, u, dt, A, B, C, keep=None):
     """One step of the recurrence, shared by the reference scan and decoding.
 
-    h: (b, e, n) f32; u, dt: (b, e) f32; A: (e, n) f32; B, C: (b, g, n) f32.
+    h: (b, e, n) f32; u, dt: (b, e) f32; A: (e, n) f32; B, C: (b, g, n) f32; keep: (b,) f32 or
+    None, 0 where a new segment starts (the state restarts from zero there).
     Returns (h_t (b, e, n), y_t (b, e) without the D skip and the gate)."""
     p = u.shape[1] // B.shape[1]
     Bx = jnp.repeat(B, p, axis=1)  # (b, e, n)
     Cx = jnp.repeat(C, p, axis=1)  # (b, e, n)
-    h = jnp.exp(dt[..., None] * A) * h + (dt * u)[..., None] * Bx
+    decay = jnp.exp(dt[..., None] * A)  # (b, e, n)
+    if keep is not None:
+        decay = decay * keep[:, None, None]
+    h = decay * h + (dt * u)[..., None] * Bx
     return h, jnp.sum(h * Cx, axis=-1)
 
 
-def _ssm_reference(u, dt, A, B, C, h0):
-    """u, dt: (b, l, e) f32; A: (e, n); B, C: (b, l, g, n); h0: (b, e, n). Returns y (b, l, e), h_L."""
+def _ssm_reference(u, dt, A, B, C, h0, keep):
+    """u, dt: (b, l, e) f32; A: (e, n); B, C: (b, l, g, n); h0: (b, e, n); keep: (b, l) f32.
+    Returns y (b, l, e), h_L."""
 
     def step(h, xs):
-        return _recurrence_step(h, xs[0], xs[1], A, xs[2], xs[3])
+        return _recurrence_step(h, xs[0], xs[1], A, xs[2], xs[3], xs[4])
 
-    xs = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), (u, dt, B, C))
+    xs = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), (u, dt, B, C, keep))
     h, y = jax.lax.scan(step, h0, xs)
     return jnp.moveaxis(y, 0, 1), h
 
@@ -152,11 +187,12 @@ def _combine(left, right):
     return a_l * a_r, a_r * b_l + b_r
 
 
-def _chunk_states(u, dt, A, B, h0):
-    """States of one chunk. u, dt: (b, t, g, p); A: (g, p, n); B: (b, t, g, n); h0: (b, g, p, n).
+def _chunk_states(u, dt, A, B, h0, keep):
+    """States of one chunk. u, dt: (b, t, g, p); A: (g, p, n); B: (b, t, g, n); h0: (b, g, p, n);
+    keep: (b, t), 0 where a new segment starts.
 
     Returns (h (b, t, g, p, n), decay a (b, t, g, p, n))."""
-    a = jnp.exp(dt[..., None] * A)  # (b, t, g, p, n)
+    a = jnp.exp(dt[..., None] * A) * keep[:, :, None, None, None]  # (b, t, g, p, n)
     bx = (dt * u)[..., None] * B[:, :, :, None, :]  # (b, t, g, p, n)
     a_cum, b_cum = jax.lax.associative_scan(_combine, (a, bx), axis=1)
     return a_cum * h0[:, None] + b_cum, a
@@ -187,37 +223,38 @@ def _to_groups(u, dt, A, B, C, h0):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _ssm_chunked(u, dt, A, B, C, h0, chunk):
-    y, h, _ = _ssm_chunked_fwd_impl(u, dt, A, B, C, h0, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _ssm_chunked(u, dt, A, B, C, h0, keep, chunk):
+    y, h, _ = _ssm_chunked_fwd_impl(u, dt, A, B, C, h0, keep, chunk)
     return y, h
 
 
-def _ssm_chunked_fwd_impl(u, dt, A, B, C, h0, chunk):
-    """u, dt: (b, L, e) f32 with L % chunk == 0; B, C: (b, L, g, n) f32; h0: (b, e, n)."""
+def _ssm_chunked_fwd_impl(u, dt, A, B, C, h0, keep, chunk):
+    """u, dt: (b, L, e) f32 with L % chunk == 0; B, C: (b, L, g, n) f32; h0: (b, e, n);
+    keep: (b, L) f32."""
     bsz, length, e = u.shape
     nc = length // chunk
     ug, dtg, Ag, Bg, Cg, h0g = _to_groups(u, dt, A, B, C, h0)
 
     def body(h_start, xs):
-        u_c, dt_c, B_c, C_c = xs
-        h, _ = _chunk_states(u_c, dt_c, Ag, B_c, h_start)  # (b, t, g, p, n)
+        u_c, dt_c, B_c, C_c, keep_c = xs
+        h, _ = _chunk_states(u_c, dt_c, Ag, B_c, h_start, keep_c)  # (b, t, g, p, n)
         y = jnp.einsum("btgpn,btgn->btgp", h, C_c)
         return h[:, -1], (y, h_start)
 
-    xs = tuple(_split_chunks(x, nc, chunk) for x in (ug, dtg, Bg, Cg))
+    xs = tuple(_split_chunks(x, nc, chunk) for x in (ug, dtg, Bg, Cg, keep))
     h_last, (y, h_starts) = jax.lax.scan(body, h0g, xs)
     y = _merge_chunks(y).reshape(bsz, length, e)
     return y, h_last.reshape(bsz, e, -1), h_starts  # h_starts: (nc, b, g, p, n)
 
 
-def _ssm_chunked_fwd(u, dt, A, B, C, h0, chunk):
-    y, h, h_starts = _ssm_chunked_fwd_impl(u, dt, A, B, C, h0, chunk)
-    return (y, h), (u, dt, A, B, C, h_starts)
+def _ssm_chunked_fwd(u, dt, A, B, C, h0, keep, chunk):
+    y, h, h_starts = _ssm_chunked_fwd_impl(u, dt, A, B, C, h0, keep, chunk)
+    return (y, h), (u, dt, A, B, C, keep, h_starts)
 
 
 def _ssm_chunked_bwd(chunk, res, cotangents):
-    u, dt, A, B, C, h_starts = res
+    u, dt, A, B, C, keep, h_starts = res
     gy, gh_final = cotangents
     bsz, length, e = u.shape
     nc = length // chunk
@@ -228,8 +265,8 @@ def _ssm_chunked_bwd(chunk, res, cotangents):
     def body(carry, xs):
         # carry: dL/dh at the end of this chunk coming from later chunks (or the final-state cotangent).
         gh_next, gA = carry
-        u_c, dt_c, B_c, C_c, gy_c, h_start = xs
-        h, a = _chunk_states(u_c, dt_c, Ag, B_c, h_start)  # (b, t, g, p, n)
+        u_c, dt_c, B_c, C_c, keep_c, gy_c, h_start = xs
+        h, a = _chunk_states(u_c, dt_c, Ag, B_c, h_start, keep_c)  # (b, t, g, p, n)
         # Adjoint recurrence, run backwards in time: lam_t = gy_t C_t + a_{t+1} lam_{t+1}.
         r = gy_c[..., None] * C_c[:, :, :, None, :]  # (b, t, g, p, n)
         r = r.at[:, -1].add(gh_next)
@@ -246,7 +283,7 @@ def _ssm_chunked_bwd(chunk, res, cotangents):
         gh_start = a[:, 0] * lam[:, 0]
         return (gh_start, gA), (g_u, g_dt, gB, gC)
 
-    xs = tuple(_split_chunks(x, nc, chunk) for x in (ug, dtg, Bg, Cg, gyg)) + (h_starts,)
+    xs = tuple(_split_chunks(x, nc, chunk) for x in (ug, dtg, Bg, Cg, keep, gyg)) + (h_starts,)
     init = (gh_final.reshape(bsz, g, p, -1), jnp.zeros_like(Ag))
     (gh0, gA), (g_u, g_dt, gB, gC) = jax.lax.scan(body, init, xs, reverse=True)
     g_u = _merge_chunks(g_u).reshape(bsz, length, e)
@@ -258,13 +295,14 @@ def _ssm_chunked_bwd(chunk, res, cotangents):
         _merge_chunks(gB),
         _merge_chunks(gC),
         gh0.reshape(bsz, e, -1),
+        jnp.zeros_like(keep),  # segment boundaries are data, not parameters
     )
 
 
 _ssm_chunked.defvjp(_ssm_chunked_fwd, _ssm_chunked_bwd)
 
 
-def _ssm_associative(u, dt, A, B, C, h0, chunk=None):
+def _ssm_associative(u, dt, A, B, C, h0, keep, chunk=None):
     """Pads L up to a multiple of the chunk with dt = 0 (an identity step) and runs the chunked scan."""
     length = u.shape[1]
     chunk = max(1, min(chunk or DEFAULT_CHUNK, length))
@@ -272,7 +310,8 @@ def _ssm_associative(u, dt, A, B, C, h0, chunk=None):
     if pad:
         widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
         u, dt, B, C = (jnp.pad(x, widths(x)) for x in (u, dt, B, C))
-    y, h = _ssm_chunked(u, dt, A, B, C, h0, chunk)
+        keep = jnp.pad(keep, widths(keep), constant_values=1.0)
+    y, h = _ssm_chunked(u, dt, A, B, C, h0, keep, chunk)
     return y[:, :length], h
 
 
@@ -316,6 +355,7 @@ def selective_scan(
     delta_softplus=False,
     initial_state=None,
     return_final_state=False,
+    segment_ids=None,
     impl="auto",
 ):
     """The selective scan of Mamba (paper Algorithm 2), channels-last.
@@ -329,13 +369,36 @@ def selective_scan(
       delta_softplus: apply softplus to delta + delta_bias.
       initial_state: (b, e, n) or None (zeros).
       return_final_state: also return h_L, (b, e, n) float32.
+      segment_ids: (b, l) int or None. Packed documents: where the id changes from one position
+        to the next, the state restarts from zero (the decay is multiplied by 0 there), so no
+        state flows from one segment into the next. The initial state feeds the first segment.
       impl: "reference", "associative", "pallas" or "auto".
 
     Returns:
       y: (b, l, e) in u's dtype, or (y, final_state) when return_final_state.
     """
     bsz, length, e, n, g = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    keep = None if segment_ids is None else segment_keep(segment_ids, (bsz, length))
     impl = resolve_impl(impl, bsz, length, e, n, g, u.dtype)
+    layout = scan_sharding.scan_layout(bsz, length, e, g)
+    if layout is not None:
+        # Under a mesh every device scans its own block inside shard_map (scan_sharding.py):
+        # this function runs again there, on the block, where the mesh axes are manual.
+        b_, l_, e_, g_ = scan_sharding.local_sizes(layout, bsz, length, e, g)
+        if impl == "pallas":
+            try:
+                resolve_impl("pallas", b_, l_, e_, n, g_, u.dtype)
+            except ValueError as err:
+                msg = f"selective_scan: one device's block: {err}; it runs the associative scan"
+                scan_sharding.log_once(msg)
+                impl = "associative"
+        block = functools.partial(
+            selective_scan, delta_softplus=delta_softplus, return_final_state=True, impl=impl
+        )
+        step_size = functools.partial(_step_size, delta_softplus=delta_softplus)
+        args = (u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids)
+        y, h = scan_sharding.sharded_scan(block, step_size, layout, keep, *args)
+        return (y, h) if return_final_state else y
     if impl == "pallas":
         import pallas_kernels
 
@@ -350,6 +413,7 @@ def selective_scan(
             delta_bias,
             delta_softplus=delta_softplus,
             initial_state=initial_state,
+            segment_ids=segment_ids,
         )
         return (y, h) if return_final_state else y
 
@@ -360,7 +424,8 @@ def selective_scan(
         else initial_state.astype(jnp.float32)
     )
     Bg, Cg = _as_groups(B).astype(jnp.float32), _as_groups(C).astype(jnp.float32)
-    args = (u.astype(jnp.float32), dt, A.astype(jnp.float32), Bg, Cg, h0)
+    keep = jnp.ones((bsz, length), jnp.float32) if keep is None else keep
+    args = (u.astype(jnp.float32), dt, A.astype(jnp.float32), Bg, Cg, h0, keep)
     y, h = _ssm_reference(*args) if impl == "reference" else _ssm_associative(*args)
     y = _output(y, u, D, z, u.dtype)
     return (y, h) if return_final_state else y

@@ -226,3 +226,67 @@ def test_scan_step_matches_scan(assert_close):
         ys.append(yt)
     assert_close(jnp.stack(ys, 1), y)
     assert_close(state, h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed rows: segment_ids restart the state.
+
+
+def _segments_alone(x, bounds, impl):
+    """Runs each segment [s, t) of row 0 on its own (zero initial state except the first
+    segment, which takes the row's initial state); returns y (1, l, e) and the last final state."""
+    ys, h = [], None
+    for k, (s, t) in enumerate(bounds):
+        part = {
+            name: (v[:1, s:t] if name in ("u", "delta", "z", "B", "C") else v)
+            for name, v in x.items()
+        }
+        part["initial_state"] = x["initial_state"][:1] if k == 0 else None
+        y, h = selective_scan(**part, delta_softplus=True, return_final_state=True, impl=impl)
+        ys.append(y)
+    return jnp.concatenate(ys, axis=1), h
+
+
+@pytest.mark.parametrize("impl", ["reference", "associative"])
+@pytest.mark.parametrize("groups", [None, 2])
+def test_segment_ids_equal_running_each_segment_alone(impl, groups, assert_close):
+    # Segments of length 1 at the first and last positions, and one across the associative
+    # scan's chunk edge.
+    bounds = [(0, 1), (1, 6), (6, 7), (7, 20), (20, 21)]
+    length = bounds[-1][1]
+    x = make_inputs(jax.random.key(7), 1, length, 4, 3, groups, jnp.float32)
+    seg = jnp.concatenate([jnp.full((t - s,), k) for k, (s, t) in enumerate(bounds)])[None]
+    seg = seg.astype(jnp.int32)
+
+    def packed(x):
+        return selective_scan(**x, delta_softplus=True, return_final_state=True,
+                              segment_ids=seg, impl=impl)  # fmt: skip
+
+    def alone(x):
+        return _segments_alone(x, bounds, "reference")
+
+    (y, h), (y_ref, h_ref) = packed(x), alone(x)
+    assert_close(y, y_ref)
+    assert_close(h, h_ref)
+
+    def loss(fn):
+        w = jax.random.normal(jax.random.key(3), y.shape)
+        return lambda x: jnp.sum(fn(x)[0] * w) + jnp.sum(fn(x)[1] ** 2)
+
+    grads, grads_ref = jax.grad(loss(packed))(x), jax.grad(loss(alone))(x)
+    for name in grads:
+        assert_close(grads[name], grads_ref[name], grad=True, err_msg=name)
+
+
+def test_segment_ids_are_validated_and_positions_convert():
+    x = make_inputs(jax.random.key(0), 2, 5, 4, 3, None, jnp.float32)
+    with pytest.raises(ValueError, match=r"segment_ids must have shape \(b, l\)=\(2, 5\)"):
+        selective_scan(**x, segment_ids=jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids must be integers"):
+        selective_scan(**x, segment_ids=jnp.zeros((2, 5), jnp.float32))
+    positions = jnp.asarray([[0, 1, 2, 0, 1], [3, 4, 0, 0, 1]])
+    np.testing.assert_array_equal(
+        scan_mod.segment_ids_from_positions(positions), [[1, 1, 1, 2, 2], [0, 0, 1, 2, 2]]
+    )
+    keep = scan_mod.segment_keep(scan_mod.segment_ids_from_positions(positions), (2, 5))
+    np.testing.assert_array_equal(keep, [[1, 1, 1, 0, 1], [1, 1, 0, 0, 1]])

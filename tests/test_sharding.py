@@ -1,5 +1,7 @@
 """Mesh construction, logical-axis rules, and sharded train steps equal to the unsharded one."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -16,19 +18,31 @@ MODEL = MambaConfig(d_model=32, n_layer=2, vocab_size=257, scan_impl="reference"
 
 
 def test_mesh_shape_fill_and_errors():
-    assert shd.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
-    assert shd.mesh_shape(MeshConfig(data=1, fsdp=-1, tensor=2), 8) == (1, 4, 2)
+    assert shd.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2, 1)
+    assert shd.mesh_shape(MeshConfig(data=1, fsdp=-1, tensor=2), 8) == (1, 4, 2, 1)
+    assert shd.mesh_shape(MeshConfig(data=2, fsdp=1, sequence=-1), 8) == (2, 1, 1, 4)
     with pytest.raises(ValueError, match="not a multiple"):
         shd.mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
     with pytest.raises(ValueError, match="must equal"):
         shd.mesh_shape(MeshConfig(data=2, fsdp=2, tensor=1), 8)
-    mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    assert mesh.axis_names == shd.MESH_AXES and dict(mesh.shape) == {
-        "data": 2,
-        "fsdp": 2,
-        "tensor": 2,
-    }
+    with pytest.raises(ValueError, match="sequence=0"):
+        MeshConfig(sequence=0)
+    mesh = shd.make_mesh(MeshConfig(data=2, fsdp=2, tensor=1, sequence=2))
+    assert mesh.axis_names == shd.MESH_AXES == ("data", "fsdp", "tensor", "sequence")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 1, "sequence": 2}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    assert shd.batch_sharding(mesh).spec == P(("data", "fsdp"), "sequence")
+    assert shd.sequence_within_processes(mesh)
+
+
+def test_check_batch_names_the_sequence_axis():
+    from mamba_jax.training.data import check_batch
+    from mamba_jax.training.run_config import Config
+
+    mesh = shd.make_mesh(MeshConfig(data=2, sequence=4))
+    check_batch(Config(train=TrainConfig(batch_size=4, seq_len=16)), mesh)
+    with pytest.raises(ValueError, match="train.seq_len=18 must be a multiple of the sequence"):
+        check_batch(Config(train=TrainConfig(batch_size=4, seq_len=18)), mesh)
 
 
 def test_parameter_specs_follow_the_rules():
@@ -98,14 +112,22 @@ def _train(mesh_config, train_config, steps=2, devices=None):
     return losses, jax.device_get(state["params"]), state
 
 
+# (accum, meshes over data, fsdp, tensor, sequence): the length split with accum 1 only, to keep
+# the test short (accumulation splits the batch axis, which the sequence split leaves alone).
+STEP_MESHES = {
+    1: [(1, 4, 2, 1), (2, 2, 2, 1), (1, 1, 2, 4), (2, 1, 1, 4)],
+    2: [(1, 4, 2, 1), (2, 2, 2, 1)],
+}
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_sharded_step_equals_unsharded(assert_close, accum):
-    """Two mesh shapes (FSDP x tensor, and all three axes) against one device."""
+    """Mesh shapes (FSDP x tensor, three axes, and the length split) against one device."""
     config = TrainConfig(
         steps=10, batch_size=8, seq_len=16, warmup_steps=1, grad_accum=accum, lr=1e-2
     )
     ref_losses, ref_params, _ = _train(MeshConfig(data=1, fsdp=1, tensor=1), config, devices=1)
-    for shape in [(1, 4, 2), (2, 2, 2)]:
+    for shape in STEP_MESHES[accum]:
         losses, params, state = _train(MeshConfig(*shape), config)
         assert_close(np.asarray(losses), np.asarray(ref_losses), err_msg=f"loss {shape}")
         for (path, a), b in zip(
@@ -127,3 +149,49 @@ def test_grad_accumulation_equals_one_big_batch(assert_close):
     assert_close(np.asarray(losses4), np.asarray(losses1))
     for a, b in zip(jax.tree.leaves(params4), jax.tree.leaves(params1)):
         assert_close(a, b, grad=True)
+
+
+_HLO_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+
+
+def gathers(hlo: str) -> list[tuple[int, str]]:
+    """(bytes, line) of every all-gather and all-to-all in compiled HLO text: the bytes of its
+    result, one device's share (a tuple's parts summed)."""
+    found = []
+    for line in hlo.splitlines():
+        match = re.search(r" = (.*?) (all-gather|all-to-all)(-done)?\(", line)
+        if match:
+            size = sum(
+                _HLO_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d]))
+                for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1))
+            )
+            found.append((size, line.strip()[:160]))
+    return found
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2, 1), (1, 1, 1, 8)], ids=str)
+def test_train_step_gathers_no_activations(shape):
+    """The compiled step gathers parameters (FSDP) and the scan's small state exchange, never
+    activations: no all-gather or all-to-all yields more than one device's (b, l, e) block (a
+    gathered activation is several blocks; an all-to-all that re-lays out one device's (b, l, d)
+    share, as the embedding lookup under FSDP does, is at most one). Without the shard_map
+    around the scan (MAMBA_JAX_SHARD_MAP=0) XLA gathers the scan's operands whole and this
+    fails on both meshes."""
+    model = MambaConfig(d_model=64, n_layer=2, vocab_size=257, scan_impl="associative")
+    batch, length = 8, 2048
+    mesh = shd.make_mesh(MeshConfig(*shape))
+    config = TrainConfig(steps=10, batch_size=batch, seq_len=length, warmup_steps=1)
+    tx = trainer.make_optimizer(config)
+    graphdef, abstract, shardings = trainer.train_state_shardings(model, tx, mesh)
+    step = trainer.make_train_step(graphdef, tx, config, shardings, mesh)
+    tokens = jax.ShapeDtypeStruct((batch, length), np.int32, sharding=shd.batch_sharding(mesh))
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    hlo = step.lower(state, {"inputs": tokens, "targets": tokens}).compile().as_text()
+    data, fsdp, tensor, sequence = shape
+    block = (batch // (data * fsdp)) * (length // sequence) * (model.d_inner // tensor) * 4
+    found = gathers(hlo)
+    assert found, "no collectives found: the HLO parser is out of date"
+    too_big = [(size, line) for size, line in found if size > block]
+    assert not too_big, f"activation-sized gathers (over {block} bytes): {too_big}"

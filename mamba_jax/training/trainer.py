@@ -124,9 +124,11 @@ def loss_terms(graphdef, params, batch):
     """Summed next-token cross-entropy, scored positions and correct argmax predictions.
 
     batch: inputs (b, l) int32, targets (b, l) int32, and optionally mask (b, l) float32 (1 where
-    a position counts; synthetic tasks score only some positions)."""
+    a position counts; synthetic tasks score only some positions) and segment_ids (b, l) int32
+    (packed documents, which then never see each other)."""
     model = nnx.merge(graphdef, params)
-    hidden = model.hidden_states(batch["inputs"])  # (b, l, d) compute dtype
+    segments = batch.get("segment_ids")
+    hidden = model.hidden_states(batch["inputs"], segment_ids=segments)  # (b, l, d)
     targets = batch["targets"]
     mask = batch.get("mask")
     mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -146,7 +148,7 @@ def reference_loss_terms(graphdef, params, batch):
     """`loss_terms` the plain way: the whole (b, l, v) float32 logits and optax's cross-entropy.
     The reference that tests and benchmarks/train_throughput.py check loss_terms against."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"])  # (b, l, v_pad) float32
+    logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"))  # (b, l, v_pad)
     vocab = model.config.vocab_size
     if vocab < logits.shape[-1]:  # padded vocab rows get no probability mass
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
