@@ -302,6 +302,7 @@ def main(argv=None) -> dict:
     loop_start = last_time = time.perf_counter()
     last_logged = start
     metrics, saved_at, stopped = {}, None, None
+    guard = trainer.NonfiniteGuard(tc.max_nonfinite_steps)  # skipped updates, and when to stop
     for step in range(start, last_step):
         batch = trainer.global_batch(next(data_iter), mesh)
         state, step_metrics = train_step(state, batch)
@@ -310,9 +311,11 @@ def main(argv=None) -> dict:
         time_up = tc.time_limit_s is not None and time.perf_counter() - loop_start > tc.time_limit_s
         if preempt.should_stop(time_up):
             stopped = "time limit" if time_up else "SIGTERM"
+        stopped = stopped or guard.update(step_metrics)
         final = done == last_step or stopped is not None
         if done % tc.log_every == 0 or final:
             metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            metrics["nonfinite_steps"] = guard.total
             now = time.perf_counter()
             tokens = (done - last_logged) * tc.batch_size * tc.seq_len
             metrics["tokens_per_sec"] = tokens / max(now - last_time, 1e-9)
