@@ -385,6 +385,27 @@ def print_table(rows, device, jax_version, inner, reps):
             print(f"{r['shape']:10} {r['d_state']:3d} {r['impl']:10} {f:7.2f} {fb:8.2f}")
 
 
+def print_tpu_floors(shapes: str):
+    """Refuses a non-TPU backend; prints what the TPU kernel must move and compute per shape, and
+    the time floors those imply on each chip (pallas_kernels/tpu_cost.py: datasheet HBM
+    bandwidth; the VPU rate is an estimate, labelled so there)."""
+    import jax
+
+    from pallas_kernels.tpu_cost import TPU_CHIPS, tpu_scan_cost
+
+    if jax.default_backend() != "tpu":
+        raise ValueError(f"--tpu needs a TPU backend, got {jax.default_backend()!r}")
+    print("shape   pass     MB moved  " + "  ".join(f"{c} floor ms" for c in TPU_CHIPS))
+    for name, b, e, length in (parse_shape(s) for s in shapes.split(",")):
+        cost = tpu_scan_cost((b, e, length))
+        for which in ("fwd", "fwd_bwd"):
+            c = cost[which]
+            floors = "  ".join(
+                f"{c['floors_ms'][chip]['bound']:>{len(chip) + 9}.3f}" for chip in TPU_CHIPS
+            )
+            print(f"{name:<7} {which:<8} {c['kernel_bytes'] / 1e6:>8.1f}  {floors}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="S1,S2,S3,S4", help="S1..S4 or BxExL, comma-separated")
@@ -407,10 +428,18 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions (median)")
     parser.add_argument("--seed", type=int, default=None, help="check inputs (default: fresh)")
     parser.add_argument("--out", default=None, help="record path (default benchmarks/results/)")
+    parser.add_argument(
+        "--tpu",
+        action="store_true",
+        help="on a TPU: the Mosaic TPU kernel (impl pallas) beside the associative scan, with "
+        "each shape's HBM and VPU floors on v5e/v5p/v6e",
+    )
     parser.add_argument("--cuda-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.cuda_child is not None:
         return cuda_child(json.loads(args.cuda_child), args.seed, args.inner, args.reps)
+    if args.tpu:
+        print_tpu_floors(args.shapes)
 
     rivals = rivals_dir(args.rivals)
     impls = (args.impls or "pallas,associative" + (",jla,mamba_ssm" if rivals else "")).split(",")

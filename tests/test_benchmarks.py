@@ -430,3 +430,16 @@ def test_profile_summary_of_a_cpu_trace(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .xplane.pb or .trace.json.gz"):
         profile_summary.device_ops(tmp_path / "empty")
+
+
+def test_scan_tpu_mode_refuses_other_backends_and_prints_floors(monkeypatch, capsys):
+    import jax
+
+    from benchmarks import scan as scan_bench
+
+    with pytest.raises(ValueError, match="--tpu needs a TPU backend"):
+        scan_bench.main(["--tpu", "--shapes", "S1"])
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    scan_bench.print_tpu_floors("S1,S4")
+    out = capsys.readouterr().out
+    assert "v5e floor ms" in out and out.count("fwd_bwd") == 2
