@@ -10,10 +10,13 @@ PYTEST_ARGS ?=
 ARGS ?=
 PYTEST := $(PY) -m pytest -n 2 --dist loadgroup -q
 # What test-fast leaves out: tests marked slow, and the files whose tests train through train.py
-# or several processes, compare sharded training on 8-device meshes, or execute the notebooks
-# (minutes each on 2 cores). `make test` runs everything.
+# or several processes, compare sharded runs on 8-device meshes, run the Pallas kernels in
+# interpret mode, or execute the notebooks (together most of the suite's time on 2 cores).
+# `make test` runs everything; `make test PYTEST_ARGS=tests/test_pallas_kernels.py` one file.
 FAST := -m 'not slow' --ignore=tests/test_notebooks.py --ignore=tests/test_multihost.py \
-  --ignore=tests/test_checkpoint.py --ignore=tests/test_tasks.py --ignore=tests/test_sharding.py
+  --ignore=tests/test_checkpoint.py --ignore=tests/test_tasks.py --ignore=tests/test_sharding.py \
+  --ignore=tests/test_scan_sharding.py --ignore=tests/test_pallas_kernels.py \
+  --ignore=tests/test_pallas_tpu.py
 
 .DEFAULT_GOAL := help
 .PHONY: help venv lint test test-fast train clean
