@@ -321,7 +321,7 @@ def tiny_run(tmp_path_factory):
     return directory
 
 
-@pytest.mark.slow  # a minute of eager calls and compiles on 2 cores
+@pytest.mark.slow  # half a minute of eager calls and compiles on 2 idle cores
 @pytest.mark.parametrize("path", [p for p in PAGES if "```python" in _read(p)], ids=_page_id)
 def test_python_blocks_run(path, tiny_run, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
