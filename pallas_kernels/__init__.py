@@ -17,7 +17,11 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common as cm
 from pallas_kernels._common import BlockSizes
-from pallas_kernels._validation import DTYPES, validate_scan_args, validate_segment_ids
+from pallas_kernels._validation import (
+    size_reason,
+    validate_scan_args,
+    validate_segment_ids,
+)
 from pallas_kernels.selective_scan_bwd import backward
 from pallas_kernels.selective_scan_fwd import forward
 from pallas_kernels.tpu_scan import TpuBlockSizes, selective_scan_tpu, tpu_unsupported_reason
@@ -33,7 +37,6 @@ __all__ = [
 PLATFORMS = (None, "gpu", "tpu")
 
 MAX_D_STATE = 256
-_DTYPES = DTYPES
 
 
 def _platform(platform, backend=None):
@@ -56,14 +59,11 @@ def unsupported_reason(
         if reason is None and not interpret and backend != "tpu":
             reason = f"the Mosaic TPU kernel needs a TPU backend, got {backend!r}"
         return reason
-    if not any(jnp.dtype(dtype) == jnp.dtype(t) for t in _DTYPES):
-        return f"dtype must be float32, bfloat16 or float16, got {jnp.dtype(dtype).name}"
-    if min(batch, length, d, n, groups) < 1:
-        return f"sizes must be positive, got {batch=} {length=} {d=} {n=} {groups=}"
-    if d % groups:
-        return f"groups={groups} must divide d={d}"
-    if n > MAX_D_STATE:
-        return f"d_state n={n} is above the kernel's limit of {MAX_D_STATE}"
+    reason = size_reason(
+        batch=batch, length=length, d=d, n=n, groups=groups, dtype=dtype, max_d_state=MAX_D_STATE
+    )
+    if reason is not None:
+        return reason
     if interpret:
         return None
     backend = backend or jax.default_backend()

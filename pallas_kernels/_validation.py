@@ -60,3 +60,16 @@ def validate_segment_ids(segment_ids, b, length):
         )
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
         raise ValueError(f"segment_ids must have an integer dtype, got {segment_ids.dtype}")
+
+
+def size_reason(*, batch, length, d, n, groups, dtype, max_d_state) -> str | None:
+    """Why no kernel can take these sizes (dtype, positivity, groups, d_state limit), or None."""
+    if not any(jnp.dtype(dtype) == jnp.dtype(t) for t in DTYPES):
+        return f"dtype must be float32, bfloat16 or float16, got {jnp.dtype(dtype).name}"
+    if min(batch, length, d, n, groups) < 1:
+        return f"sizes must be positive, got {batch=} {length=} {d=} {n=} {groups=}"
+    if d % groups:
+        return f"groups={groups} must divide d={d}"
+    if n > max_d_state:
+        return f"d_state n={n} is above the kernel's limit of {max_d_state}"
+    return None

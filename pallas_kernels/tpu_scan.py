@@ -23,10 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import tpu_scan_kernels as kernels
-from pallas_kernels._validation import DTYPES, validate_scan_args, validate_segment_ids
+from pallas_kernels._validation import (
+    size_reason,
+    validate_scan_args,
+    validate_segment_ids,
+)
 
 MAX_D_STATE = 256
-_DTYPES = DTYPES
 LANES = kernels.LANES
 PICKS = ("gather", "reduce")
 # Below Mosaic's default scoped VMEM limit ("16MB+" in jax's docs/pallas/tpu/details.rst), with
@@ -144,15 +147,9 @@ def bwd_vmem_bytes(seq_tile, lanes, n_pad, state_chunk):
 def tpu_unsupported_reason(*, batch, length, d, n, groups, dtype):
     """None when the TPU kernel takes this call (any backend can trace it; it runs on a TPU, or
     anywhere in interpret mode)."""
-    if not any(jnp.dtype(dtype) == jnp.dtype(t) for t in _DTYPES):
-        return f"dtype must be float32, bfloat16 or float16, got {jnp.dtype(dtype).name}"
-    if min(batch, length, d, n, groups) < 1:
-        return f"sizes must be positive, got {batch=} {length=} {d=} {n=} {groups=}"
-    if d % groups:
-        return f"groups={groups} must divide d={d}"
-    if n > MAX_D_STATE:
-        return f"d_state n={n} is above the kernel's limit of {MAX_D_STATE}"
-    return None
+    return size_reason(
+        batch=batch, length=length, d=d, n=n, groups=groups, dtype=dtype, max_d_state=MAX_D_STATE
+    )
 
 
 def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):

@@ -8,7 +8,8 @@ import time
 
 import jax
 
-# Dense bf16 peak per chip, for MFU (BENCHMARKS.md uses 989 TFLOP/s for the H100).
+# Dense bf16 peak per chip, for MFU. H100/H200 SXM: 989 TFLOP/s dense bf16 (NVIDIA's H100 and
+# H200 datasheets; the H200 has the H100's compute). TPUs: Google's Cloud TPU pages.
 PEAK_FLOPS = {
     "h100": 989e12,
     "h200": 989e12,
@@ -32,7 +33,8 @@ def peak_flops(device=None) -> float | None:
 
 
 def mfu(n_params: int, tokens_per_sec: float, num_devices: int, device=None) -> float | None:
-    """Model FLOPs utilisation by the 6N rule (BENCHMARKS.md); None on unknown devices (CPU)."""
+    """Model FLOPs utilisation by the 6N rule (6 FLOPs per parameter per trained token: forward
+    and backward matmuls) over the chips' dense bf16 peak; None on unknown devices (CPU)."""
     peak = peak_flops(device)
     if peak is None:
         return None
