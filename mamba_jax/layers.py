@@ -161,6 +161,35 @@ def conv_segment_mask(segment_ids, width: int):
 causal_conv1d_silu.defvjp(_conv_silu_fwd, _conv_silu_bwd)
 
 
+def conv_tail(x, state, width: int, last=None, segment_ids=None):
+    """The causal conv's state after x: the w - 1 inputs up to and including position `last`.
+
+    x: (b, l, e); state: (b, w - 1, e), the inputs before x, or None (zeros); last: (b,) int, the
+    last position each row consumed (-1 for none; default l - 1: right-padded rows stop at their
+    last real token); segment_ids: (b, l) int or None. Inputs of another segment than the one at
+    `last` are zeroed, so a state carried into the next window holds only that segment's inputs
+    (positions before the row count as its first position's segment, as in `conv_segment_mask`).
+    Returns (b, w - 1, e) in x's dtype."""
+    bsz, length, e = x.shape
+    if state is None:
+        state = jnp.zeros((bsz, width - 1, e), x.dtype)
+    xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # (b, l + w - 1, e)
+    if last is None:
+        last = jnp.full((bsz,), length - 1, jnp.int32)
+    # Input t sits at xp[t + w - 1]: the window ending at `last` is xp[last + 1 : last + w].
+    idx = last[:, None] + 1 + jnp.arange(width - 1)  # (b, w - 1)
+    tail = jnp.take_along_axis(xp, idx[:, :, None], axis=1)
+    if segment_ids is not None:
+        ids = jnp.concatenate(
+            [jnp.broadcast_to(segment_ids[:, :1], (bsz, width - 1)), segment_ids], axis=1
+        )  # (b, l + w - 1)
+        own = jnp.take_along_axis(ids, idx, axis=1) == jnp.take_along_axis(
+            ids, (last + width - 1)[:, None], axis=1
+        )
+        tail = tail * own[:, :, None].astype(tail.dtype)
+    return tail
+
+
 def causal_conv1d_step(x, state, kernel, bias, out_dtype, *, silu=False):
     """The causal conv at one new position, for decoding.
 

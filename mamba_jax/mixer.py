@@ -13,6 +13,7 @@ from mamba_jax.config import MambaConfig
 from mamba_jax.layers import (
     CausalConv1d,
     conv_segment_mask,
+    conv_tail,
     inverse_softplus,
     logical_param,
     partitioned,
@@ -20,6 +21,11 @@ from mamba_jax.layers import (
     torch_linear_init,
 )
 from mamba_jax.scan import selective_scan, selective_scan_step
+
+# Δ before the softplus at a padded position: softplus(PAD_DELTA + bias) is exactly 0 in float32
+# (and in every implementation's arithmetic), so exp(Δ A) = 1 and Δ u B = 0: the state passes
+# through unchanged and its gradient is exactly zero there. Representable in float16.
+PAD_DELTA = -1.0e4
 
 
 class MambaMixer(nnx.Module):
@@ -109,40 +115,58 @@ class MambaMixer(nnx.Module):
             halves.append(checkpoint_name(h, name))
         return halves
 
-    def scan_inputs(self, hidden, conv_state=None, *, step=False, segment_ids=None):
+    def scan_inputs(
+        self, hidden, conv_state=None, *, step=False, segment_ids=None, padding_mask=None
+    ):
         """The selective scan's inputs from the normalised block input (paper Algorithm 2, 1-5).
 
         hidden: (b, l, d), or (b, d) one token with step=True; conv_state: the last w - 1 conv
         inputs (b, w - 1, e) or None (zeros). Returns (u, delta, B, C, z, conv_state): u, delta,
         z (..., e) with u after the causal conv and silu, delta before its bias and softplus,
         B, C (..., n), and the updated conv state. segment_ids (b, l) int keeps the causal conv
-        inside each packed segment."""
+        inside each packed segment. padding_mask (b, l) bool (True at real tokens; left or right
+        padding, `MambaLM` checks the pattern): a padded position feeds zeros to the conv, gets
+        delta = PAD_DELTA so that the scan leaves the state unchanged there, and the conv state
+        returned is the one after the row's last real token."""
         if step:
             xz = self.in_proj(hidden)  # (..., 2e)
             x, z = jnp.split(xz, 2, axis=-1)  # (..., e) each
             u, conv_state = self.conv1d.step(x, conv_state, silu=True)
-        else:
-            x, z = self._in_proj_halves(hidden)  # (b, l, e) each
-            mask = None
-            if segment_ids is not None:
-                mask = conv_segment_mask(segment_ids, self.config.d_conv)  # (b, l, w)
-            u, conv_state = self.conv1d(x, conv_state, silu=True, mask=mask)
+            delta, B, C = self._ssm_inputs(u)
+            return u, delta, B, C, z, conv_state
+        x, z = self._in_proj_halves(hidden)  # (b, l, e) each
+        if padding_mask is not None:
+            x = jnp.where(padding_mask[..., None], x, jnp.zeros((), x.dtype))
+        mask = None
+        if segment_ids is not None:
+            mask = conv_segment_mask(segment_ids, self.config.d_conv)  # (b, l, w)
+        u, new_state = self.conv1d(x, conv_state, silu=True, mask=mask)
+        if padding_mask is not None or segment_ids is not None:
+            # The window after the last real token, holding only its segment's inputs.
+            last = None
+            if padding_mask is not None:
+                positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+                last = jnp.max(jnp.where(padding_mask, positions, -1), axis=1)  # (b,)
+            new_state = conv_tail(x, conv_state, self.config.d_conv, last, segment_ids)
         delta, B, C = self._ssm_inputs(u)
-        return u, delta, B, C, z, conv_state
+        if padding_mask is not None:
+            delta = jnp.where(padding_mask[..., None], delta, jnp.asarray(PAD_DELTA, delta.dtype))
+        return u, delta, B, C, z, new_state
 
     def A(self):
         """A = -exp(A_log): (e, n) float32, negative (S4D-Real)."""
         return -jnp.exp(self.A_log[...].astype(jnp.float32))
 
-    def __call__(self, hidden, cache=None, segment_ids=None):
+    def __call__(self, hidden, cache=None, segment_ids=None, padding_mask=None):
         """hidden: (b, l, d). cache: None or (conv (b, w - 1, e), ssm (b, e, n)). segment_ids:
         (b, l) int or None; packed documents, the conv and the scan restart at each new id.
+        padding_mask: (b, l) bool or None (True at real tokens; see `scan_inputs`).
 
         Returns out (b, l, d), and the updated cache when one was given."""
         c = self.config
         conv_state, ssm_state = cache if cache is not None else (None, None)
         x, delta, B, C, z, conv_state = self.scan_inputs(
-            hidden, conv_state, segment_ids=segment_ids
+            hidden, conv_state, segment_ids=segment_ids, padding_mask=padding_mask
         )
         A = self.A()  # (e, n)
         y, ssm_state = selective_scan(

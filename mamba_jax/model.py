@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mamba_jax.config import MambaConfig
@@ -40,11 +41,13 @@ class ResidualBlock(nnx.Module):
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=jnp.dtype(config.dtype))
         self.mixer = MambaMixer(config, rngs=rngs)
 
-    def __call__(self, x, cache=None, segment_ids=None):
-        """x: (b, l, d) float32 residual stream; segment_ids (b, l) int or None."""
+    def __call__(self, x, cache=None, segment_ids=None, padding_mask=None):
+        """x: (b, l, d) float32 residual stream; segment_ids (b, l) int or None; padding_mask
+        (b, l) bool or None."""
+        kw = dict(segment_ids=segment_ids, padding_mask=padding_mask)
         if cache is None:
-            return x + self.mixer(self.norm(x), segment_ids=segment_ids).astype(jnp.float32)
-        out, cache = self.mixer(self.norm(x), cache, segment_ids=segment_ids)
+            return x + self.mixer(self.norm(x), **kw).astype(jnp.float32)
+        out, cache = self.mixer(self.norm(x), cache, **kw)
         return x + out.astype(jnp.float32), cache
 
     def step(self, x, cache, A=None):
@@ -169,8 +172,19 @@ REMAT_SAVED = ("mixer_x", "mixer_z", "x_dbl")
 REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED)
 
 
-def _apply_block(block, x, segment_ids=None):
-    return block(x, segment_ids=segment_ids)
+def _apply_block(block, x, segment_ids=None, padding_mask=None, cache=None):
+    return block(x, cache, segment_ids=segment_ids, padding_mask=padding_mask)
+
+
+def _fill_padded_segments(segment_ids, padding_mask):
+    """A padded position takes the segment id of the nearest real token before it (of the first
+    real token, for left padding), so that no segment starts at a padded position: the state
+    passes through padding unchanged."""
+    positions = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    last_real = jax.lax.cummax(jnp.where(padding_mask, positions, -1), axis=1)  # (b, l)
+    first_real = jnp.argmax(padding_mask, axis=1)[:, None].astype(jnp.int32)  # (b, 1)
+    source = jnp.where(last_real < 0, first_real, last_real)
+    return jnp.take_along_axis(segment_ids, source, axis=1)
 
 
 class MambaLM(nnx.Module):
@@ -243,31 +257,120 @@ class MambaLM(nnx.Module):
             raise ValueError(f"{name} must be integers, got {given.dtype}")
         return given if position_ids is None else segment_ids_from_positions(given)
 
-    def _trunk(self, x, segment_ids=None):
-        """The layer stack without a cache: x (b, l, d) float32 embeddings -> residual stream.
+    def _check_padding(self, input_ids, padding_mask, segment_ids, with_state):
+        """padding_mask -> (bool (b, l) or None, segment ids with padded positions filled).
+
+        Each row's real tokens must be contiguous at its start (right padding) or at its end
+        (left padding); with a cache or carried state only right padding is exact (a state
+        carried in must meet the row's first token), so left padding is refused there. The
+        pattern is checked where the values are known (not inside jit)."""
+        if padding_mask is None:
+            return None, segment_ids
+        shape = tuple(getattr(padding_mask, "shape", ()))
+        if shape != tuple(input_ids.shape):
+            raise ValueError(
+                f"padding_mask must have the shape of input_ids (b, l)={tuple(input_ids.shape)}, "
+                f"got {shape}"
+            )
+        if not (padding_mask.dtype == jnp.bool_ or jnp.issubdtype(padding_mask.dtype, jnp.integer)):
+            raise ValueError(f"padding_mask must be bool or 0/1 integers, got {padding_mask.dtype}")
+        concrete = not isinstance(padding_mask, jax.core.Tracer)
+        if concrete and getattr(padding_mask, "is_fully_addressable", True):
+            m = np.asarray(padding_mask)
+            if not np.isin(m, (0, 1)).all():
+                raise ValueError("padding_mask must hold only 0/1 (or False/True)")
+            m = m.astype(bool)
+            bad = np.flatnonzero(np.sum(m[:, 1:] != m[:, :-1], axis=1) > 1)
+            if bad.size:
+                raise ValueError(
+                    f"padding_mask row {bad[0]} has padding between real tokens: each row's "
+                    "real tokens must be contiguous, padded at the start (left) or the end "
+                    "(right)"
+                )
+            left = np.flatnonzero(~m[:, 0] & m.any(axis=1))
+            if with_state and left.size:
+                raise ValueError(
+                    f"padding_mask row {left[0]} is left-padded, but with a cache (or carried "
+                    "state) padding must be at the end of the row (right padding)"
+                )
+        padding_mask = padding_mask.astype(jnp.bool_)
+        if segment_ids is not None:
+            segment_ids = _fill_padded_segments(segment_ids, padding_mask)
+        return padding_mask, segment_ids
+
+    def _trunk(self, x, segment_ids=None, padding_mask=None, cache=None):
+        """The layer stack: x (b, l, d) float32 embeddings -> residual stream (and, with a
+        MambaCache, the updated cache).
 
         With config.remat each block is rematerialised under `REMAT_POLICY`: the backward keeps
         the block input and the outputs of in_proj and x_proj, and recomputes the norm, the conv,
         Δ and the scan's forward kernel (all cheap next to the matmuls they feed)."""
-        remat = self.config.remat
+        apply = _apply_block
+        if self.config.remat:
+            apply = nnx.remat(_apply_block, policy=REMAT_POLICY, prevent_cse=False)
 
-        def body(x, block):
-            if remat:
-                fn = nnx.remat(_apply_block, policy=REMAT_POLICY, prevent_cse=False)
-                return fn(block, x, segment_ids)
-            return _apply_block(block, x, segment_ids)
+        if cache is None:
 
-        return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
+            def body(x, block):
+                return apply(block, x, segment_ids, padding_mask)
 
-    def hidden_states(self, input_ids, *, segment_ids=None, position_ids=None):
+            return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
+
+        def body_cached(x, block, conv, ssm):
+            return apply(block, x, segment_ids, padding_mask, (conv, ssm))
+
+        x, (conv, ssm) = nnx.scan(
+            body_cached, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0)
+        )(x, self.layers, cache.conv, cache.ssm)
+        return x, MambaCache(conv, ssm)
+
+    def _check_cache(self, cache, batch):
+        c = self.config
+        want = {
+            "conv": ((c.n_layer, batch, c.d_conv - 1, c.d_inner), "(n_layer, b, d_conv - 1, e)"),
+            "ssm": ((c.n_layer, batch, c.d_inner, c.d_state), "(n_layer, b, e, d_state)"),
+        }
+        if not isinstance(cache, MambaCache):
+            raise ValueError(f"cache must be a MambaCache, got {type(cache).__name__}")
+        for name, (shape, meaning) in want.items():
+            got = tuple(getattr(cache, name).shape)
+            if got != shape:
+                raise ValueError(f"cache.{name} must have shape {meaning}={shape}, got {got}")
+
+    def _prepare(self, input_ids, cache, segment_ids, position_ids, padding_mask):
+        """Checks a forward's arguments; returns (embeddings (b, l, d) float32, segment ids,
+        padding mask)."""
+        self._check_ids(input_ids, 2)
+        segment_ids = self._check_segments(input_ids, segment_ids, position_ids)
+        if cache is not None:
+            self._check_cache(cache, input_ids.shape[0])
+        padding_mask, segment_ids = self._check_padding(
+            input_ids, padding_mask, segment_ids, cache is not None
+        )
+        return self.embedding(input_ids).astype(jnp.float32), segment_ids, padding_mask
+
+    def hidden_states(
+        self,
+        input_ids,
+        cache: MambaCache | None = None,
+        *,
+        segment_ids=None,
+        position_ids=None,
+        padding_mask=None,
+    ):
         """input_ids: (b, l) int -> the final normalised hidden states (b, l, d) in the compute
         dtype: what the tied head multiplies. The training loss takes these and the embedding
         table (`mamba_jax.losses`), so the (b, l, v) logits are never whole in memory.
-        segment_ids / position_ids: packed rows, as in `__call__`."""
-        self._check_ids(input_ids, 2)
-        segment_ids = self._check_segments(input_ids, segment_ids, position_ids)
-        x = self.embedding(input_ids).astype(jnp.float32)
-        return self.norm_f(self._trunk(x, segment_ids))
+        segment_ids / position_ids / padding_mask: as in `__call__`. With a cache (the states
+        a previous window ended with, e.g. carried across training windows) returns (hidden,
+        the updated cache); gradients flow into the cache's arrays too."""
+        x, segment_ids, padding_mask = self._prepare(
+            input_ids, cache, segment_ids, position_ids, padding_mask
+        )
+        if cache is None:
+            return self.norm_f(self._trunk(x, segment_ids, padding_mask))
+        x, cache = self._trunk(x, segment_ids, padding_mask, cache)
+        return self.norm_f(x), cache
 
     def _logits(self, x):
         x = self.norm_f(x)
@@ -281,6 +384,7 @@ class MambaLM(nnx.Module):
         *,
         segment_ids=None,
         position_ids=None,
+        padding_mask=None,
         last_only: bool = False,
     ):
         """input_ids: (b, l) int. Returns logits (b, l, v) float32, plus the updated cache if given.
@@ -288,26 +392,23 @@ class MambaLM(nnx.Module):
         segment_ids: (b, l) int or None, for rows that pack several documents: where the id
         changes, the scan's state restarts from zero and the causal conv does not reach back
         across the boundary, so no document sees another. position_ids that restart at 0 for
-        each document may be given instead. last_only=True computes the head on the last
-        position only, (b, 1, v): a prefill for decoding needs no more, and the full (b, l, v)
-        float32 logits can be gigabytes.
+        each document may be given instead. padding_mask: (b, l) bool or 0/1 or None, True at
+        real tokens, for rows of different lengths padded at the start (left) or the end
+        (right; the only form allowed with a cache): a padded token changes neither the SSM
+        state nor the conv window (its Δ is 0 and its conv input 0), so every real token's
+        logits and the cache after the row equal those of the row unpadded; the logits at
+        padded positions mean nothing. last_only=True computes the head on the last position
+        only, (b, 1, v): a prefill for decoding needs no more, and the full (b, l, v) float32
+        logits can be gigabytes.
         """
-        self._check_ids(input_ids, 2)
-        segment_ids = self._check_segments(input_ids, segment_ids, position_ids)
-        x = self.embedding(input_ids).astype(jnp.float32)  # (b, l, d)
-
+        x, segment_ids, padding_mask = self._prepare(
+            input_ids, cache, segment_ids, position_ids, padding_mask
+        )
         if cache is None:
-            x = self._trunk(x, segment_ids)
+            x = self._trunk(x, segment_ids, padding_mask)
             return self._logits(x[:, -1:] if last_only else x)
-
-        def body_cached(x, block, conv, ssm):
-            x, (conv, ssm) = block(x, (conv, ssm), segment_ids=segment_ids)
-            return x, (conv, ssm)
-
-        x, (conv, ssm) = nnx.scan(
-            body_cached, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0)
-        )(x, self.layers, cache.conv, cache.ssm)
-        return self._logits(x[:, -1:] if last_only else x), MambaCache(conv, ssm)
+        x, cache = self._trunk(x, segment_ids, padding_mask, cache)
+        return self._logits(x[:, -1:] if last_only else x), cache
 
     def step(self, token_ids, cache: MambaCache):
         """token_ids: (b,) int. Returns (logits (b, v) float32, updated cache).

@@ -168,3 +168,115 @@ def test_packed_arguments_are_validated():
         model(ids, position_ids=jnp.zeros((2, 5), jnp.float32))
     with pytest.raises(ValueError, match="not both"):
         model(ids, segment_ids=ids, position_ids=ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Padded rows and states carried across windows.
+
+
+@pytest.mark.parametrize("impl", ["reference", "associative"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_rows_equal_each_row_alone(impl, side, assert_close):
+    """Rows of lengths 7, 1, 4 and 0 padded to 9: every real token's logits, the gradient of a
+    loss on them, and (right padding, with a cache carried in) the cache after the row equal
+    those of the row run alone."""
+    from mamba_jax.model import MambaCache, with_config
+
+    model = with_config(MambaLM(PACKED, rngs=nnx.Rngs(4)), scan_impl=impl)
+    lengths, total = [7, 1, 4, 0], 9
+    tokens = jax.random.randint(jax.random.key(5), (len(lengths), total), 0, 40)
+    mask = np.zeros((len(lengths), total), bool)
+    for r, n in enumerate(lengths):
+        if side == "right":
+            mask[r, :n] = True
+        else:
+            mask[r, total - n :] = True
+    mask = jnp.asarray(mask)
+    seg = jnp.asarray(np.repeat([[0, 0, 0, 1, 1, 1, 1, 2, 2]], len(lengths), axis=0))
+    w = jax.random.normal(jax.random.key(6), (len(lengths), total, PACKED.padded_vocab_size))
+
+    def real(r):  # the real positions of row r
+        return slice(0, lengths[r]) if side == "right" else slice(total - lengths[r], total)
+
+    def padded_loss(m):
+        logits = m(tokens, segment_ids=seg, padding_mask=mask)
+        return jnp.sum(jnp.where(mask[..., None], logits * w, 0.0)), logits
+
+    def alone_loss(m):
+        out, parts = 0.0, []
+        for r, n in enumerate(lengths):
+            if n:
+                logits = m(tokens[r : r + 1, real(r)], segment_ids=seg[r : r + 1, real(r)])
+                out = out + jnp.sum(logits * w[r : r + 1, real(r)])
+                parts.append(logits)
+        return out, parts
+
+    (_, logits), g_pad = nnx.value_and_grad(padded_loss, has_aux=True)(model)
+    (_, parts), g_alone = nnx.value_and_grad(alone_loss, has_aux=True)(model)
+    rows = [r for r, n in enumerate(lengths) if n]
+    for r, part in zip(rows, parts, strict=True):
+        np.testing.assert_allclose(logits[r : r + 1, real(r)], part, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_pad), jax.tree.leaves(g_alone), strict=True):
+        assert_close(a, b, grad=True)
+
+    if side == "right":
+        k1, k2 = jax.random.split(jax.random.key(7))
+        start = MambaCache(
+            jax.random.normal(k1, model.init_cache(len(lengths)).conv.shape),
+            jax.random.normal(k2, model.init_cache(len(lengths)).ssm.shape),
+        )
+        _, after = model(tokens, start, segment_ids=seg, padding_mask=mask)
+        for r, n in enumerate(lengths):
+            one = MambaCache(start.conv[:, r : r + 1], start.ssm[:, r : r + 1])
+            if n:
+                _, one = model(tokens[r : r + 1, :n], one, segment_ids=seg[r : r + 1, :n])
+            np.testing.assert_allclose(after.conv[:, r : r + 1], one.conv, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(after.ssm[:, r : r + 1], one.ssm, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_mask_is_validated():
+    model = MambaLM(PACKED, rngs=nnx.Rngs(0))
+    ids = jnp.zeros((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match=r"padding_mask must have the shape of input_ids"):
+        model(ids, padding_mask=jnp.ones((2, 4), bool))
+    with pytest.raises(ValueError, match="padding_mask must be bool"):
+        model(ids, padding_mask=jnp.ones((2, 5), jnp.float32))
+    with pytest.raises(ValueError, match="padding between real tokens"):
+        model(ids, padding_mask=jnp.asarray([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="only 0/1"):
+        model(ids, padding_mask=jnp.asarray([[1, 2, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="left-padded, but with a cache"):
+        model(ids, model.init_cache(2), padding_mask=jnp.asarray([[0, 1, 1, 1, 1]] * 2))
+    with pytest.raises(ValueError, match=r"cache.ssm must have shape"):
+        cache = model.init_cache(2)
+        model(ids, cache._replace(ssm=cache.ssm[:, :1]))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_windows_with_carried_state_equal_one_long_forward(remat, assert_close):
+    """One stream of 23 tokens with documents starting at 0, 6, 8 (a window start), 13 and 15
+    (inside the last d_conv - 1 positions of a window), cut into windows of 8 (the last one
+    short): carrying each window's final cache into the next gives the long forward's hidden
+    states, and the cache after the stream."""
+    from mamba_jax.model import with_config
+
+    model = with_config(MambaLM(PACKED, rngs=nnx.Rngs(8)), remat=remat)
+    stream = jax.random.randint(jax.random.key(9), (2, 23), 0, 40)
+    seg = np.zeros((2, 23), np.int32)
+    for start in (6, 8, 13, 15):
+        seg[0, start:] += 1
+    seg = jnp.asarray(seg)
+    whole, cache_whole = model.hidden_states(stream, model.init_cache(2), segment_ids=seg)
+    cache, parts = model.init_cache(2), []
+    for s in range(0, 23, 8):
+        if s:  # a document that starts with the window does not see the carried state
+            keep = (seg[:, s] == seg[:, s - 1]).astype(jnp.float32)
+            cache = cache._replace(
+                conv=cache.conv * keep[None, :, None, None],
+                ssm=cache.ssm * keep[None, :, None, None],
+            )
+        h, cache = model.hidden_states(stream[:, s : s + 8], cache, segment_ids=seg[:, s : s + 8])
+        parts.append(h)
+    assert_close(jnp.concatenate(parts, axis=1), whole)
+    assert_close(cache.conv, cache_whole.conv)
+    assert_close(cache.ssm, cache_whole.ssm)
