@@ -52,7 +52,7 @@ SHAPES = {  # name: (b, e, L)
     "S3": (2, 2048, 16384),
     "S4": (1, 1536, 131072),
 }
-OURS = ("pallas", "associative", "reference")
+OURS = ("pallas", "triton", "associative", "reference")
 RIVALS = ("jla", "mamba_ssm")
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "bias")  # selective_scan's argument order
 CHECK_TOL = 3e-2  # bf16 outputs: a few bf16 ulps (2^-8) of the largest value

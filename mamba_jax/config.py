@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-SCAN_IMPLS = ("auto", "reference", "associative", "pallas")
+SCAN_IMPLS = ("auto", "reference", "associative", "pallas", "triton")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,11 @@ Implementations:
                  (b, l, e, n) tensor outlives one chunk.
     pallas       the fused kernels in `pallas_kernels`: Mosaic GPU on Hopper, Mosaic TPU on a TPU
                  backend (the TPU one verified in interpret mode and by lowering only).
+    triton       the fused Triton kernel (`pallas_kernels.triton_scan`, through jax-triton, the
+                 `cuda` extra) for NVIDIA GPUs of compute capability 7.5 and up.
     auto         pallas where `pallas_kernels.supported(...)` says so (a Hopper GPU or a TPU
-                 backend), associative otherwise.
+                 backend), else triton where it can run (an NVIDIA GPU with the `cuda` extra
+                 installed), else associative.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 
 from mamba_jax import scan_sharding
 
-IMPLS = ("auto", "reference", "associative", "pallas")
+IMPLS = ("auto", "reference", "associative", "pallas", "triton")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DEFAULT_CHUNK = 128
 
@@ -320,14 +323,23 @@ def _ssm_associative(u, dt, A, B, C, h0, keep, chunk=None):
 
 
 def resolve_impl(impl, bsz, length, e, n, g, dtype) -> str:
-    """The implementation `impl` runs as for these sizes: "reference", "associative" or "pallas"
-    ("auto" picks pallas where the kernel supports the call here). Raises ValueError for an
-    unknown impl, or for impl="pallas" where the kernel cannot run the call."""
+    """The implementation `impl` runs as for these sizes: "reference", "associative", "pallas"
+    or "triton" ("auto" picks pallas where that kernel supports the call here, else triton where
+    it can run, else associative). Raises ValueError for an unknown impl, or for impl="pallas"
+    or "triton" where that kernel cannot run the call."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl in ("reference", "associative"):
         return impl
     import pallas_kernels
+    from pallas_kernels.triton_scan import triton_unsupported_reason
+
+    sizes = dict(batch=bsz, length=length, d=e, n=n, groups=g, dtype=dtype)
+    if impl == "triton":
+        reason = triton_unsupported_reason(**sizes)
+        if reason is not None:
+            raise ValueError(f"impl='triton' is not supported for this call: {reason}")
+        return "triton"
 
     query = getattr(pallas_kernels, "unsupported_reason", None)
     reason = (
@@ -339,7 +351,9 @@ def resolve_impl(impl, bsz, length, e, n, g, dtype) -> str:
         if reason is not None:
             raise ValueError(f"impl='pallas' is not supported for this call: {reason}")
         return "pallas"
-    return "pallas" if reason is None else "associative"
+    if reason is None:
+        return "pallas"
+    return "triton" if triton_unsupported_reason(**sizes) is None else "associative"
 
 
 def selective_scan(
@@ -372,7 +386,7 @@ def selective_scan(
       segment_ids: (b, l) int or None. Packed documents: where the id changes from one position
         to the next, the state restarts from zero (the decay is multiplied by 0 there), so no
         state flows from one segment into the next. The initial state feeds the first segment.
-      impl: "reference", "associative", "pallas" or "auto".
+      impl: "reference", "associative", "pallas", "triton" or "auto".
 
     Returns:
       y: (b, l, e) in u's dtype, or (y, final_state) when return_final_state.
@@ -385,9 +399,9 @@ def selective_scan(
         # Under a mesh every device scans its own block inside shard_map (scan_sharding.py):
         # this function runs again there, on the block, where the mesh axes are manual.
         b_, l_, e_, g_ = scan_sharding.local_sizes(layout, bsz, length, e, g)
-        if impl == "pallas":
+        if impl in ("pallas", "triton"):
             try:
-                resolve_impl("pallas", b_, l_, e_, n, g_, u.dtype)
+                resolve_impl(impl, b_, l_, e_, n, g_, u.dtype)
             except ValueError as err:
                 msg = f"selective_scan: one device's block: {err}; it runs the associative scan"
                 scan_sharding.log_once(msg)
@@ -415,6 +429,14 @@ def selective_scan(
             initial_state=initial_state,
             segment_ids=segment_ids,
         )
+        return (y, h) if return_final_state else y
+    if impl == "triton":
+        from pallas_kernels.triton_scan import selective_scan_triton
+
+        y, h = selective_scan_triton(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus=delta_softplus,
+            initial_state=initial_state, segment_ids=segment_ids,
+        )  # fmt: skip
         return (y, h) if return_final_state else y
 
     dt = _step_size(delta, delta_bias, delta_softplus)
