@@ -271,12 +271,15 @@ def main(argv=None) -> dict:
             f"checkpoint.dir={config.checkpoint.dir!r} already holds checkpoints (latest step "
             f"{latest}) and checkpoint.resume=false: pick a new checkpoint.dir or delete it"
         )
+    carry_rows = tc.batch_size if tc.state_passing else None  # carried states, one per row
     if latest is not None:
-        graphdef, abstract, shardings = trainer.train_state_shardings(config.model, tx, mesh)
+        graphdef, abstract, shardings = trainer.train_state_shardings(
+            config.model, tx, mesh, carry_rows
+        )
         state = ckpt.restore(latest, abstract, shardings, data_iter)
         out.print(f"resumed from {config.checkpoint.dir} step {latest}")
     else:
-        graphdef, state, shardings = trainer.init_state(config.model, tx, mesh, tc.seed)
+        graphdef, state, shardings = trainer.init_state(config.model, tx, mesh, tc.seed, carry_rows)
     n_params = count_params(state["params"])
     out.print(config_summary(config, preset, overrides, n_params))
     out.print(

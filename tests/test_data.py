@@ -179,3 +179,43 @@ def test_packed_windows_carry_segment_ids_that_start_at_each_eos():
     assert batch["segment_ids"].shape == (2, 4) and batch["segment_ids"].dtype == np.int32
     val = data.eval_batches(tokens, 4, 2, 1, eos_id=eos)
     assert set(val[0]) == {"inputs", "targets", "segment_ids"}
+
+
+def test_stream_windows_give_each_row_its_own_contiguous_lane():
+    """State passing: row r of batch k is window k of lane r, so row r of batch k + 1 starts
+    where row r of batch k ended; carry is 0 at a lane's first window and where a window opens
+    with end-of-text, 1 elsewhere; two processes read the global batch's rows between them; the
+    iterator resumes; a corpus too short for the lanes is refused."""
+    eos, rows, length = 7, 4, 5
+    tokens = (np.arange(203, dtype=np.uint32) % 50) + 10
+    tokens[[26, 61, 100]] = eos  # lane 1's 2nd window (tokens 50 + 5 .. 55 + 5) starts at 55
+    tokens[55] = eos
+    lane = (len(tokens) - 1) // rows  # 50 tokens, 10 windows per lane
+    it = iter(data.stream_dataset(tokens, length, rows, eos_id=eos))
+    batches = _batches(it, 12)  # past the end of the lanes: they start over
+    for k, batch in enumerate(batches):
+        w = k % (lane // length)
+        for r in range(rows):
+            start = r * lane + w * length
+            np.testing.assert_array_equal(batch["inputs"][r], tokens[start : start + length])
+            np.testing.assert_array_equal(
+                batch["targets"][r], tokens[start + 1 : start + length + 1]
+            )
+            want = float(w > 0 and tokens[start] != eos)
+            assert set(batch["carry"][r].tolist()) == {want}, (k, r)
+    assert batches[1]["carry"][1, 0] == 0.0  # lane 1's second window opens a new document
+    assert batches[1]["carry"][0, 0] == 1.0 and batches[10]["carry"][0, 0] == 0.0
+    np.testing.assert_array_equal(batches[5]["segment_ids"][2], [0, 0, 0, 0, 0])
+    halves = [_batches(iter(data.stream_dataset(tokens, length, rows, p, 2, eos)), 3)
+              for p in range(2)]  # fmt: skip
+    for k in range(3):
+        np.testing.assert_array_equal(halves[0][k]["inputs"], batches[k]["inputs"][0::2])
+        np.testing.assert_array_equal(halves[1][k]["inputs"], batches[k]["inputs"][1::2])
+    fresh = iter(data.stream_dataset(tokens, length, rows, eos_id=eos))
+    _batches(fresh, 2)
+    state = fresh.get_state()
+    resumed = iter(data.stream_dataset(tokens, length, rows, eos_id=eos))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["inputs"], batches[2]["inputs"])
+    with pytest.raises(ValueError, match="lanes of 3 tokens, shorter than train.seq_len=5"):
+        data.stream_dataset(tokens[:13], length, rows)

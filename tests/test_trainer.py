@@ -172,3 +172,128 @@ def test_nonfinite_guard_stops_after_limit_in_a_row():
         trainer.NonfiniteGuard(0)
     with pytest.raises(ValueError, match="max_nonfinite_steps"):
         TrainConfig(max_nonfinite_steps=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# State passing (train.state_passing): windows of one stream with carried states.
+
+
+def _stream_batch(inputs, targets, carry, segments):
+    b, length = inputs.shape
+    return {"inputs": inputs, "targets": targets, "segment_ids": segments,
+            "carry": np.full((b, length), carry, np.float32)}  # fmt: skip
+
+
+def test_windows_with_carried_states_give_the_long_sequence_loss():
+    """Two windows of 9 with the first one's states carried into the second give the same
+    summed loss as one forward over all 18 tokens; with carry 0 the second window starts
+    afresh, as if it were alone; the chunked loss and the reference agree on both."""
+    model = MambaLM(TINY, rngs=nnx.Rngs(3))
+    graphdef, params = nnx.graphdef(model), trainer.pure(nnx.state(model))
+    k = jax.random.split(jax.random.key(4), 2)
+    inputs = np.asarray(jax.random.randint(k[0], (3, 18), 0, 29), np.int32)
+    targets = np.asarray(jax.random.randint(k[1], (3, 18), 0, 29), np.int32)
+    segments = np.zeros((3, 18), np.int32)
+    segments[1, 11:] = 1  # a document starting inside the second window
+    segments[2, 9:] = 1  # and one starting with it: the carried state must not reach it
+    whole = {"inputs": inputs, "targets": targets, "segment_ids": segments}
+    want, count, _ = trainer.loss_terms(graphdef, params, whole)
+    zero = {k: np.zeros(v.shape, v.dtype) for k, v in trainer.abstract_carry(TINY, 3).items()}
+    for loss in (trainer.loss_terms, trainer.reference_loss_terms):
+        carry, total, n = zero, 0.0, 0.0
+        for s in (0, 9):
+            keep = np.asarray([s > 0, s > 0, False], np.float32)[:, None]
+            window = _stream_batch(inputs[:, s : s + 9], targets[:, s : s + 9], keep,
+                                   segments[:, s : s + 9])  # fmt: skip
+            t, c, _, carry = loss(graphdef, params, window, carry)
+            total, n = total + t, n + c
+        np.testing.assert_allclose(total, want, rtol=1e-5)
+        assert float(n) == float(count) == 54
+    # Carry 0: the second window alone.
+    t, _, _, _ = trainer.loss_terms(
+        graphdef,
+        params,
+        _stream_batch(inputs[:, 9:], targets[:, 9:], 0.0, segments[:, 9:]),
+        {k: v + 1.0 for k, v in zero.items()},  # whatever the states were
+    )
+    alone, _, _ = trainer.loss_terms(
+        graphdef,
+        params,
+        {
+            "inputs": inputs[:, 9:],
+            "targets": targets[:, 9:],
+            "segment_ids": segments[:, 9:],
+        },  # fmt: skip
+    )
+    np.testing.assert_allclose(t, alone, rtol=1e-6)
+
+
+def test_state_passing_step_carries_states_and_splits_them_over_micro_batches():
+    """The train step with a carry: grad_accum 2 gives the loss, parameters and next carry of
+    grad_accum 1 (the rows split and join back in place); the carry after a step is the
+    states the rows ended with; a non-finite step resets it to zero."""
+    mesh = shd.make_mesh(MeshConfig(-1, 1, 1))  # the 8 fake CPU devices
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 29, (16, 9)).astype(np.int32)
+    batch = _stream_batch(ids, np.roll(ids, -1, 1), 1.0, np.zeros((16, 9), np.int32))
+    results = []
+    for accum in (1, 2):
+        tc = TrainConfig(steps=10, batch_size=16, seq_len=9, warmup_steps=0, grad_accum=accum,
+                         state_passing=True)  # fmt: skip
+        tx = trainer.make_optimizer(tc)
+        graphdef, state, shardings = trainer.init_state(TINY, tx, mesh, 0, carry_rows=16)
+        assert shardings["carry"]["ssm"].spec == shd.P(None, shd.BATCH_AXES)
+        step = trainer.make_train_step(graphdef, tx, tc, shardings, mesh)
+        params = jax.device_get(state["params"])
+        state, metrics = step(state, trainer.global_batch(batch, mesh))
+        results.append(jax.device_get((metrics["loss"], state["params"], state["carry"])))
+    (loss1, params1, carry1), (loss2, params2, carry2) = results
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for name in ("conv", "ssm"):
+        np.testing.assert_allclose(carry2[name], carry1[name], rtol=1e-5, atol=1e-6)
+    # The carry is the cache the rows end with, from the parameters before the update.
+    model = nnx.merge(graphdef, params)
+    _, cache = model.hidden_states(ids, model.init_cache(16))
+    np.testing.assert_allclose(carry1["ssm"], cache.ssm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(carry1["conv"], cache.conv, rtol=1e-5, atol=1e-6)
+    assert np.abs(carry1["ssm"]).max() > 0
+    bad = batch | {"carry": np.full((16, 9), np.nan, np.float32)}
+    state, metrics = step(state, trainer.global_batch(bad, mesh))
+    assert float(metrics["nonfinite"]) == 1.0
+    for leaf in jax.tree.leaves(jax.device_get(state["carry"])):
+        np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_state_passing_needs_a_corpus():
+    from mamba_jax.training.run_config import load_config
+
+    with pytest.raises(ValueError, match="state_passing=true streams a corpus"):
+        load_config(None, ["train.state_passing=true", "data.task=selective_copying"])
+
+
+def test_state_passing_on_sharded_meshes_equals_one_device_layout():
+    """Three steps with carried states on data x fsdp x sequence and tensor x sequence meshes
+    (the scan's initial and final states cross the sequence shards) give the data-parallel
+    run's loss and carry."""
+    cfg = TINY.replace(scan_impl="associative")
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, 29, (8, 16)).astype(np.int32)
+    segments = np.zeros((8, 16), np.int32)
+    segments[:, 5:] = 1
+    batch = _stream_batch(ids, np.roll(ids, -1, 1), 1.0, segments)
+    tc = TrainConfig(steps=10, batch_size=8, seq_len=16, warmup_steps=0, state_passing=True)
+    tx = trainer.make_optimizer(tc)
+    out = []
+    for sizes in ((-1, 1, 1, 1), (2, 2, 1, 2), (1, 1, 2, 4)):
+        mesh = shd.make_mesh(MeshConfig(*sizes))
+        graphdef, state, shardings = trainer.init_state(cfg, tx, mesh, 0, carry_rows=8)
+        step = trainer.make_train_step(graphdef, tx, tc, shardings, mesh)
+        for _ in range(3):
+            state, metrics = step(state, trainer.global_batch(batch, mesh))
+        out.append((float(metrics["loss"]), jax.device_get(state["carry"])))
+    for loss, carry in out[1:]:
+        np.testing.assert_allclose(loss, out[0][0], rtol=1e-4)
+        for name in ("conv", "ssm"):
+            np.testing.assert_allclose(carry[name], out[0][1][name], rtol=1e-3, atol=1e-5)

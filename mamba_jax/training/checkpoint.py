@@ -2,7 +2,8 @@
 
 A step directory `<dir>/<step>/` holds four items:
     params    the MambaLM parameters (nested dict), each array saved with its shards
-    train     optimizer state, step and RNG key data
+    train     optimizer state, step and RNG key data (and, with train.state_passing, the carried
+              SSM and conv states)
     data      the Grain iterator state, one file per JAX process
     config    the run's Config as JSON, so a checkpoint can be rebuilt without its YAML
 
@@ -39,6 +40,11 @@ def _grain_handler():
     import grain
 
     return grain.checkpoint.CheckpointHandler()
+
+
+def _train_keys(state: dict) -> tuple[str, ...]:
+    """What the "train" item holds: everything but the params."""
+    return tuple(k for k in ("opt_state", "step", "rng", "carry") if k in state)
 
 
 class Checkpointer:
@@ -80,9 +86,7 @@ class Checkpointer:
 
         args = {
             "params": ocp.args.StandardSave(state["params"]),
-            "train": ocp.args.StandardSave(
-                {"opt_state": state["opt_state"], "step": state["step"], "rng": state["rng"]}
-            ),
+            "train": ocp.args.StandardSave({k: state[k] for k in _train_keys(state)}),
             "config": ocp.args.JsonSave(config.to_dict() if config is not None else {}),
         }
         if self.with_data:
@@ -95,8 +99,9 @@ class Checkpointer:
         """Restores the state at `step` into `shardings` (any mesh); the iterator in place."""
         import grain
 
-        train_abstract = {k: abstract_state[k] for k in ("opt_state", "step", "rng")}
-        train_shardings = {k: shardings[k] for k in ("opt_state", "step", "rng")}
+        keys = _train_keys(abstract_state)
+        train_abstract = {k: abstract_state[k] for k in keys}
+        train_shardings = {k: shardings[k] for k in keys}
         args = {
             "params": ocp.args.StandardRestore(
                 _abstract(abstract_state["params"], shardings["params"])
@@ -106,13 +111,7 @@ class Checkpointer:
         if self.with_data and data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        train = restored["train"]
-        return {
-            "params": restored["params"],
-            "opt_state": train["opt_state"],
-            "step": train["step"],
-            "rng": train["rng"],
-        }
+        return {"params": restored["params"], **restored["train"]}
 
     def wait(self):
         self.manager.wait_until_finished()

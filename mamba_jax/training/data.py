@@ -6,6 +6,9 @@ next-token targets); documents run across window edges (packing without padding)
 (`.bin`, a flat uint16/uint32 array as nanoGPT writes them) are memory-mapped instead, so corpora
 larger than host memory work.
 
+With train.state_passing the windows are not shuffled: each batch row streams its own contiguous
+lane of the corpus (StreamWindows), so the states a step ends with can start the next.
+
 Order is deterministic: window indices are shuffled by Grain from `data.seed` (a new permutation
 every epoch), and process p of P reads elements p, p + P, ... of that order, so the global batch
 is the same whatever the process count. The iterator state (a position in that order) is what
@@ -114,6 +117,44 @@ class TokenWindows:
         return out
 
 
+class StreamWindows:
+    """The corpus as `rows` parallel streams for state passing: lane r is the contiguous slice
+    tokens[r * lane : (r + 1) * lane + 1], cut into windows of `seq_len`; element i is window
+    i // rows of lane i % rows, so consecutive batches of `rows` elements hold consecutive
+    windows of every lane, each lane always in the same batch row.
+
+    Fields as TokenWindows', plus `carry` (l,) float32, the same value at every position (a
+    per-token field shards over the mesh like the others): 1.0 where the window continues the
+    previous one's document (its states carry over), 0.0 at a lane's first window and where the
+    window opens with an end-of-text token (a new document; only with `eos_id`)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, rows: int, eos_id: int | None = None):
+        self.tokens, self.seq_len, self.rows, self.eos_id = tokens, seq_len, rows, eos_id
+        self.lane = (len(tokens) - 1) // rows
+        self.windows_per_lane = self.lane // seq_len
+        if self.windows_per_lane < 1:
+            raise ValueError(
+                f"train.state_passing splits the {len(tokens)} training tokens into "
+                f"train.batch_size={rows} lanes of {self.lane} tokens, shorter than "
+                f"train.seq_len={seq_len}: give more data, a smaller batch or a shorter seq_len"
+            )
+
+    def __len__(self):
+        return self.windows_per_lane * self.rows
+
+    def __getitem__(self, i):
+        k, r = divmod(int(i), self.rows)
+        start = r * self.lane + k * self.seq_len
+        window = np.asarray(self.tokens[start : start + self.seq_len + 1], np.int32)
+        out = {"inputs": window[:-1], "targets": window[1:]}
+        continues = k > 0
+        if self.eos_id is not None:
+            out["segment_ids"] = np.cumsum(out["inputs"] == self.eos_id, dtype=np.int32)
+            continues = continues and out["inputs"][0] != self.eos_id
+        out["carry"] = np.full(self.seq_len, continues, np.float32)
+        return out
+
+
 @dataclasses.dataclass
 class Corpus:
     train_tokens: np.ndarray
@@ -206,6 +247,27 @@ def train_dataset(
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
 
+def stream_dataset(
+    tokens,
+    seq_len: int,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    eos_id: int | None = None,
+) -> grain.IterDataset:
+    """Endless batches for state passing (see StreamWindows), in corpus order, no shuffling:
+    batch k holds window k of every lane; after the last window every lane starts over."""
+    if global_batch % process_count:
+        raise ValueError(
+            f"train.batch_size={global_batch} must be a multiple of the process count "
+            f"{process_count}"
+        )
+    ds = grain.MapDataset.source(StreamWindows(tokens, seq_len, global_batch, eos_id))
+    ds = ds.repeat(None)[process_index::process_count]
+    ds = ds.batch(global_batch // process_count, drop_remainder=True)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+
+
 def eval_batches(
     tokens,
     seq_len: int,
@@ -240,9 +302,12 @@ def build_data(config: Config, pid: int, nproc: int, log=print):
         return iter(train), val, None, None
     corpus = load_corpus(dc, config.model.vocab_size)
     eos = corpus.tokenizer.eos_id if dc.packing == "reset" else None
-    train = train_dataset(
-        corpus.train_tokens, tc.seq_len, tc.batch_size, dc.seed, pid, nproc, eos_id=eos
-    )
+    if tc.state_passing:
+        train = stream_dataset(corpus.train_tokens, tc.seq_len, tc.batch_size, pid, nproc, eos)
+    else:
+        train = train_dataset(
+            corpus.train_tokens, tc.seq_len, tc.batch_size, dc.seed, pid, nproc, eos_id=eos
+        )
     val = eval_batches(
         corpus.val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches, pid, nproc, eos_id=eos
     )

@@ -80,6 +80,11 @@ class TrainConfig:
     sample_prompt: str = "def "
     tensorboard: bool = True
     progress: bool = True
+    # Truncated backprop through time: each batch row reads its own contiguous lane of the
+    # corpus, window after window, and starts each step from the SSM and conv states the
+    # previous step ended with (no gradient through them; zero where a document starts). The
+    # carried states are part of the checkpoint. Needs a text or token corpus (no data.task).
+    state_passing: bool = False
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
@@ -147,6 +152,14 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        if self.train.state_passing and self.data.task is not None:
+            raise ValueError(
+                f"train.state_passing=true streams a corpus window after window, but "
+                f"data.task={self.data.task!r} draws independent sequences: set data.task=null "
+                "or train.state_passing=false"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

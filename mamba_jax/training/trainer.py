@@ -3,7 +3,9 @@ eval steps, and the learning-rate schedule.
 
 The train state is a plain pytree, so jit, Orbax and the sharding rules all see the same thing:
     {"params": nested dict of arrays (nnx.to_pure_dict of the MambaLM),
-     "opt_state": optax state over those params, "step": int32 (), "rng": uint32 key data}
+     "opt_state": optax state over those params, "step": int32 (), "rng": uint32 key data,
+     and with train.state_passing "carry": {"conv": (n_layer, b, d_conv - 1, e) compute dtype,
+     "ssm": (n_layer, b, e, d_state) float32}, the states each batch row ended the last step with}
 
 This module imports neither Grain nor tensorboardX at import time, so benchmarks can use the train
 step on machines without them.
@@ -19,11 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mamba_jax import sharding as shd
 from mamba_jax.config import MambaConfig
 from mamba_jax.losses import linear_cross_entropy
-from mamba_jax.model import MambaLM, abstract_model
+from mamba_jax.model import MambaCache, MambaLM, abstract_model
 from mamba_jax.scan_sharding import sum_over_token_shards
 from mamba_jax.training.run_config import TrainConfig
 
@@ -69,8 +73,21 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )  # fmt: skip
 
 
-def train_state_shardings(model_config: MambaConfig, tx, mesh):
-    """(graphdef, abstract train state, NamedSharding tree of the same structure)."""
+def abstract_carry(model_config: MambaConfig, rows: int) -> dict:
+    """The shapes and dtypes of the carried states of `rows` batch rows (train.state_passing)."""
+    cache = jax.eval_shape(lambda: abstract_model(model_config).init_cache(rows))
+    return {"conv": cache.conv, "ssm": cache.ssm}
+
+
+def carry_shardings(mesh) -> dict:
+    """Carried states split over data x fsdp on their batch axis, like the batch's rows."""
+    sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES))
+    return {"conv": sharding, "ssm": sharding}
+
+
+def train_state_shardings(model_config: MambaConfig, tx, mesh, carry_rows: int | None = None):
+    """(graphdef, abstract train state, NamedSharding tree of the same structure). With
+    `carry_rows` (the global batch, for train.state_passing) the state has a "carry"."""
     graphdef, abstract = nnx.split(abstract_model(model_config))
     param_shardings = pure(shd.param_shardings(abstract, mesh))
     params = pure(abstract)
@@ -84,6 +101,9 @@ def train_state_shardings(model_config: MambaConfig, tx, mesh):
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
     }
+    if carry_rows is not None:
+        abstract_state["carry"] = abstract_carry(model_config, carry_rows)
+        shardings["carry"] = carry_shardings(mesh)
     return graphdef, abstract_state, shardings
 
 
@@ -103,35 +123,76 @@ def _mirror_shardings(opt_abstract, params, param_shardings, mesh):
     )
 
 
-def init_state(model_config: MambaConfig, tx, mesh, seed: int):
-    """Builds the train state directly in its sharded layout (no host-side full copy)."""
-    graphdef, abstract_state, shardings = train_state_shardings(model_config, tx, mesh)
+def init_state(model_config: MambaConfig, tx, mesh, seed: int, carry_rows: int | None = None):
+    """Builds the train state directly in its sharded layout (no host-side full copy); with
+    `carry_rows`, zero carried states for that many batch rows."""
+    graphdef, abstract_state, shardings = train_state_shardings(model_config, tx, mesh, carry_rows)
 
     def init():
         params = pure(nnx.split(MambaLM(model_config, rngs=nnx.Rngs(seed)))[1])
-        return {
+        state = {
             "params": params,
             "opt_state": tx.init(params),
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(seed + 1)),
         }
+        if carry_rows is not None:
+            state["carry"] = jax.tree.map(
+                lambda a: jnp.zeros(a.shape, a.dtype), abstract_state["carry"]
+            )
+        return state
 
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, state, shardings
 
 
-def loss_terms(graphdef, params, batch):
+def _score_mask(batch) -> jax.Array:
+    """(b, l) float32: 1 where a position's loss counts (batch "mask" and "padding_mask")."""
+    mask = batch.get("mask")
+    mask = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask
+    mask = mask.astype(jnp.float32)
+    if batch.get("padding_mask") is not None:
+        mask = mask * batch["padding_mask"].astype(jnp.float32)
+    return mask
+
+
+def _carried_cache(carry: dict, batch) -> MambaCache:
+    """The carried states as a MambaCache, zeroed in the rows whose window starts afresh."""
+    keep = batch["carry"][:, 0].reshape(1, -1, 1, 1)  # (b, l), constant along l -> (1, b, 1, 1)
+    return MambaCache(
+        conv=carry["conv"] * keep.astype(carry["conv"].dtype),
+        ssm=carry["ssm"] * keep.astype(carry["ssm"].dtype),
+    )
+
+
+def _next_carry(cache: MambaCache) -> dict:
+    return {"conv": jax.lax.stop_gradient(cache.conv), "ssm": jax.lax.stop_gradient(cache.ssm)}
+
+
+def _forward(model, batch, carry, logits: bool):
+    """The model on a batch, from the carried states when `carry` is given: (out, next carry)."""
+    kwargs = dict(segment_ids=batch.get("segment_ids"), padding_mask=batch.get("padding_mask"))
+    run = model if logits else model.hidden_states
+    if carry is None:
+        return run(batch["inputs"], **kwargs), None
+    out, cache = run(batch["inputs"], _carried_cache(carry, batch), **kwargs)
+    return out, _next_carry(cache)
+
+
+def loss_terms(graphdef, params, batch, carry=None):
     """Summed next-token cross-entropy, scored positions and correct argmax predictions.
 
     batch: inputs (b, l) int32, targets (b, l) int32, and optionally mask (b, l) float32 (1 where
-    a position counts; synthetic tasks score only some positions) and segment_ids (b, l) int32
-    (packed documents, which then never see each other)."""
+    a position counts; synthetic tasks score only some positions), segment_ids (b, l) int32
+    (packed documents, which then never see each other) and padding_mask (b, l) (0 at padded
+    tokens, which neither change the states nor count). With `carry` (train.state_passing: the
+    states the previous windows ended with, and batch "carry" (b, l) float32, constant along
+    each row, 0 where the row starts afresh) the rows start from those states, and a fourth result is the next carry (no
+    gradient flows through it)."""
     model = nnx.merge(graphdef, params)
-    segments = batch.get("segment_ids")
-    hidden = model.hidden_states(batch["inputs"], segment_ids=segments)  # (b, l, d)
+    hidden, next_carry = _forward(model, batch, carry, logits=False)  # (b, l, d)
     targets = batch["targets"]
-    mask = batch.get("mask")
-    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    mask = _score_mask(batch)
     # The tied head and the cross-entropy a chunk of positions at a time (the padded vocab rows
     # get no probability mass): the (b, l, v) logits never exist whole.
     # With the length split over the mesh, each device sums its own positions.
@@ -141,22 +202,24 @@ def loss_terms(graphdef, params, batch):
         dict(hidden=hidden, targets=targets, mask=mask),
         dict(table=model.embedding.embedding[...]),
     )
-    return total, mask.sum(), correct
+    if carry is None:
+        return total, mask.sum(), correct
+    return total, mask.sum(), correct, next_carry
 
 
-def reference_loss_terms(graphdef, params, batch):
+def reference_loss_terms(graphdef, params, batch, carry=None):
     """`loss_terms` the plain way: the whole (b, l, v) float32 logits and optax's cross-entropy.
     The reference that tests and benchmarks/train_throughput.py check loss_terms against."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"))  # (b, l, v_pad)
+    logits, next_carry = _forward(model, batch, carry, logits=True)  # (b, l, v_pad)
     vocab = model.config.vocab_size
     if vocab < logits.shape[-1]:  # padded vocab rows get no probability mass
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # (b, l)
-    mask = batch.get("mask")
-    mask = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
+    mask = _score_mask(batch)
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)  # (b, l)
-    return (losses * mask).sum(), mask.sum(), (correct * mask).sum()
+    terms = (losses * mask).sum(), mask.sum(), (correct * mask).sum()
+    return terms if carry is None else (*terms, next_carry)
 
 
 def make_train_step(graphdef, tx, train_config: TrainConfig, shardings, mesh, *,
@@ -169,30 +232,44 @@ def make_train_step(graphdef, tx, train_config: TrainConfig, shardings, mesh, *,
     this step's loss or gradient was not finite and its update was skipped; NonfiniteGuard)."""
     accum = train_config.grad_accum
     schedule = lr_schedule(train_config)
+    carrying = "carry" in shardings  # train.state_passing
 
-    def summed(params, batch):
-        total, count, _ = loss(graphdef, params, batch)
-        return total, count
+    def summed(params, batch, carry):
+        if carry is None:
+            total, count, _ = loss(graphdef, params, batch)
+            return total, (count, None)
+        total, count, _, next_carry = loss(graphdef, params, batch, carry)
+        return total, (count, next_carry)
 
     grad_fn = jax.value_and_grad(summed, has_aux=True)
 
     def step(state, batch):
-        params = state["params"]
+        params, carry = state["params"], state.get("carry")
         if accum == 1:
-            (total, count), grads = grad_fn(params, batch)
+            (total, (count, next_carry)), grads = grad_fn(params, batch, carry)
         else:
             # Micro-batch j takes rows j, j + accum, ...: each device keeps its own rows, so
             # splitting needs no communication when the local batch is a multiple of accum.
-            def split(x):  # (b, ...) -> (accum, b / accum, ...)
-                return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+            # Carried states (rows on axis 1) split the same way.
+            def split(x, axis=0):  # (..., b, ...) -> (accum, ..., b / accum, ...)
+                x = jnp.moveaxis(x, axis, 0)
+                x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+                return jnp.moveaxis(x, 1, axis + 1)
 
-            def body(carry, micro):
-                (total, count), grads = grad_fn(params, micro)
-                return jax.tree.map(jnp.add, carry, (total, count, grads)), None
+            def join(x, axis=0):  # the inverse of split
+                x = jnp.moveaxis(x, axis + 1, 1).swapaxes(0, 1)
+                return jnp.moveaxis(x.reshape(-1, *x.shape[2:]), 0, axis)
+
+            def body(sums, micro):
+                micro_batch, micro_carry = micro
+                (total, (count, next_carry)), grads = grad_fn(params, micro_batch, micro_carry)
+                return jax.tree.map(jnp.add, sums, (total, count, grads)), next_carry
 
             zero = jnp.zeros((), jnp.float32)
             init = (zero, zero, jax.tree.map(jnp.zeros_like, params))
-            (total, count, grads), _ = jax.lax.scan(body, init, jax.tree.map(split, batch))
+            micro = (jax.tree.map(split, batch), jax.tree.map(lambda x: split(x, 1), carry))
+            (total, count, grads), next_carry = jax.lax.scan(body, init, micro)
+            next_carry = jax.tree.map(lambda x: join(x, 1), next_carry)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.tree.norm(grads)
@@ -207,6 +284,8 @@ def make_train_step(graphdef, tx, train_config: TrainConfig, shardings, mesh, *,
             "step": state["step"] + 1,
             "rng": state["rng"],
         }
+        if carrying:  # after a skipped step the rows start afresh rather than from its states
+            new_state["carry"] = keep(next_carry, jax.tree.map(jnp.zeros_like, next_carry))
         metrics = {
             "loss": total / count,
             "grad_norm": grad_norm,
