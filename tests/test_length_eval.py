@@ -49,6 +49,7 @@ def test_position_losses_equal_each_document_alone():
         length_eval.position_losses(model, [], 8)
 
 
+@pytest.mark.slow
 def test_cli_on_a_trained_run(tmp_path, capsys):
     run = tmp_path / "run"
     run_train(args(tmp_path, run, **{"train.steps": 2, "train.state_passing": True}))

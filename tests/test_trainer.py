@@ -297,3 +297,25 @@ def test_state_passing_on_sharded_meshes_equals_one_device_layout():
         np.testing.assert_allclose(loss, out[0][0], rtol=1e-4)
         for name in ("conv", "ssm"):
             np.testing.assert_allclose(carry[name], out[0][1][name], rtol=1e-3, atol=1e-5)
+
+
+def test_padded_positions_get_no_loss_and_change_nothing():
+    """A batch with padding_mask: the summed loss and count equal those of the rows without
+    their padding (right-padded here, left-padded in the second row)."""
+    model = MambaLM(TINY, rngs=nnx.Rngs(7))
+    graphdef, params = nnx.graphdef(model), trainer.pure(nnx.state(model))
+    rng = np.random.default_rng(8)
+    ids, targets = rng.integers(0, 29, (2, 2, 11)).astype(np.int32)
+    real = np.ones((2, 11), bool)
+    real[0, 7:] = False  # right padding
+    real[1, :3] = False  # left padding
+    batch = {"inputs": ids, "targets": targets, "padding_mask": real}
+    total, count, _ = trainer.loss_terms(graphdef, params, batch)
+    want = [trainer.loss_terms(graphdef, params, {"inputs": ids[r : r + 1, real[r]],
+                                                  "targets": targets[r : r + 1, real[r]]})
+            for r in range(2)]  # fmt: skip
+    assert float(count) == 7 + 8
+    np.testing.assert_allclose(total, want[0][0] + want[1][0], rtol=1e-5)
+    ref_total, ref_count, _ = trainer.reference_loss_terms(graphdef, params, batch)
+    np.testing.assert_allclose(ref_total, total, rtol=1e-5)
+    assert float(ref_count) == 15

@@ -8,9 +8,10 @@ train.seq_len; one that does not sees it rise there.
 
 Documents shorter than --max-len count in the buckets they reach (rows are right-padded with a
 padding mask, which leaves the states unchanged); each bucket's row says how many tokens it
-averages. The table prints, and --json / --plot write it out.
+averages. The table prints, and --json / --plot write it out; several runs (for example with and
+without train.state_passing) share one plot.
 
-    python -m mamba_jax.training.length_eval runs/tiny --max-len 2048 --plot runs/tiny/length.png
+    python -m mamba_jax.training.length_eval runs/tiny --max-len 1024 --plot runs/tiny/length.png
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import sys
 
 import jax
@@ -171,7 +173,8 @@ def evaluate_run(run_dir: str, max_len: int | None = None, batch_size: int = 8,
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a train.py checkpoint.dir")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="train.py checkpoint.dir(s); several share one plot")  # fmt: skip
     parser.add_argument("--max-len", type=int, default=None,
                         help="positions to evaluate (default 8 x the run's train.seq_len)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=8)
@@ -179,16 +182,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None, help="write the table here as JSON")
     parser.add_argument("--plot", default=None, help="write a PNG of loss against position")
     args = parser.parse_args(argv)
-    result = evaluate_run(args.run_dir, args.max_len, args.batch_size, args.max_docs)
-    print(f"{result['documents']} held-out documents, training length {result['train_len']}")
-    print(format_table(result["buckets"], result["train_len"]))
+    results = []
+    for run_dir in args.run_dirs:
+        result = evaluate_run(run_dir, args.max_len, args.batch_size, args.max_docs)
+        print(
+            f"{run_dir}: {result['documents']} held-out documents, training length "
+            f"{result['train_len']}"
+        )
+        print(format_table(result["buckets"], result["train_len"]))
+        results.append(result)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(results[0] if len(results) == 1 else results, f, indent=1)
     if args.plot:
-        plot({args.run_dir: result["buckets"]}, args.plot, result["train_len"])
+        curves = {os.path.basename(r["run"].rstrip("/")): r["buckets"] for r in results}
+        plot(curves, args.plot, results[0]["train_len"])
         print(f"plot: {args.plot}")
-    return result
+    return results[0] if len(results) == 1 else results
 
 
 if __name__ == "__main__":
