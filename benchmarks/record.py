@@ -40,13 +40,14 @@ import subprocess
 import sys
 import tempfile
 
-BENCHMARKS = ("scan", "train_throughput", "decode", "tasks")
+BENCHMARKS = ("scan", "train_throughput", "decode", "tasks", "length_eval")
 HEADER_KEYS = ("benchmark", "device", "platform", "jax", "date", "commit", "config", "rows")
 ROW_KEYS = {
     "scan": ("shape", "batch", "d_inner", "length", "d_state", "impl"),
     "train_throughput": ("model", "gpus", "batch", "length", "impl"),
     "decode": ("model", "batch", "impl", "arch"),
     "tasks": ("task", "length"),
+    "length_eval": ("run", "start", "end", "tokens", "loss"),  # mamba_jax.training.length_eval
 }
 
 

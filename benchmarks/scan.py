@@ -4,6 +4,7 @@
     python benchmarks/scan.py --rivals .anchors  # + jla's Mamba-1 kernel and mamba_ssm's CUDA kernel
     python benchmarks/scan.py --shapes S1 --impls pallas --variants 16:4,32:8 --bwd-reduce smem,shuffle
     python benchmarks/scan.py --shapes 2x256x300 --impls associative,reference --no-n64   # CPU
+    python benchmarks/scan.py --impls pallas,pallas+segments --no-n64   # the cost of segment_ids
 
 Shapes (b, e, L): S1 8x1536x2048 (130m-class training), S2 4x4096x2048 (1.4b-class training),
 S3 2x2048x16384 (long context), S4 1x1536x131072 (very long, batch 1), or any BxExL. bf16 u,
@@ -16,6 +17,10 @@ cotangent) are compared with the fp32 sequential reference, impl="reference", as
 |ref| (`rel_err`, `check_ok` when every one is within CHECK_TOL). Then every implementation is
 timed the same way: `--inner` calls launched back to back and synchronised once, median over
 `--reps` repetitions (dispatch amortised, compilation excluded).
+
+An implementation named `IMPL+segments` runs IMPL with segment_ids (packed rows): documents of
+random lengths (mean SEGMENT_MEAN tokens, a fixed pattern) restart the state; it is checked
+against the reference given the same segment ids.
 
 Rivals (`--rivals PATH` or $MAMBA_JAX_RIVALS, the folder with their packages and unpack.sh):
 jla's Mosaic GPU kernel runs in this process; mamba_ssm's CUDA kernel (`selective_scan_cuda`, a
@@ -53,6 +58,8 @@ SHAPES = {  # name: (b, e, L)
     "S4": (1, 1536, 131072),
 }
 OURS = ("pallas", "triton", "associative", "reference")
+SEGMENTED = "+segments"  # suffix: the implementation with packed-row segment_ids
+SEGMENT_MEAN = 512  # mean document length of the segmented rows
 RIVALS = ("jla", "mamba_ssm")
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "bias")  # selective_scan's argument order
 CHECK_TOL = 3e-2  # bf16 outputs: a few bf16 ulps (2^-8) of the largest value
@@ -122,14 +129,25 @@ def median_ms(call, sync, inner, reps):
 # JAX implementations: ours and jla, in this process.
 
 
+def segment_ids(b, length):
+    """(b, length) int32: documents of random lengths (exponential, mean SEGMENT_MEAN), the same
+    pattern every call."""
+    rng = np.random.default_rng(0)
+    starts = rng.random((b, length)) < 1.0 / SEGMENT_MEAN
+    return np.cumsum(starts, axis=1, dtype=np.int32)
+
+
 def jax_scan_fn(impl, block_sizes=None):
     """f(u, delta, A, B, C, D, z, bias) -> y (b, l, e) for one implementation."""
     import pallas_kernels
     from mamba_jax.scan import selective_scan
 
+    if impl.endswith(SEGMENTED):
+        base = jax_scan_fn(impl.removesuffix(SEGMENTED), block_sizes)
+        return lambda u, *a: base(u, *a, segment_ids=segment_ids(u.shape[0], u.shape[1]))
     if impl == "pallas":
-        return lambda *a: pallas_kernels.selective_scan_pallas(
-            *a, delta_softplus=True, block_sizes=block_sizes
+        return lambda *a, **kw: pallas_kernels.selective_scan_pallas(
+            *a, delta_softplus=True, block_sizes=block_sizes, **kw
         )[0]
     if impl == "jla":
         from jla.ops.mosaic_gpu import mamba1
@@ -138,7 +156,7 @@ def jax_scan_fn(impl, block_sizes=None):
         return lambda u, delta, A, B, C, D, z, bias: mamba1.mamba1(
             C, B, u, delta, A, d=D, z=z, dt_bias=bias, dt_softplus=True
         )[0]
-    return lambda *a: selective_scan(*a, delta_softplus=True, impl=impl)
+    return lambda *a, **kw: selective_scan(*a, delta_softplus=True, impl=impl, **kw)
 
 
 @functools.cache
@@ -169,11 +187,13 @@ def outputs(impl, block_sizes, inputs, dtype):
 
 
 @functools.cache
-def reference_outputs(size, seed):
-    """The fp32 sequential reference on random_inputs(*size, seed): what every check compares to."""
+def reference_outputs(size, seed, segmented=False):
+    """The fp32 sequential reference on random_inputs(*size, seed) (with segment_ids when
+    `segmented`): what every check compares to."""
     import jax.numpy as jnp
 
-    return outputs("reference", None, random_inputs(*size, seed), jnp.float32)
+    impl = "reference" + (SEGMENTED if segmented else "")
+    return outputs(impl, None, random_inputs(*size, seed), jnp.float32)
 
 
 def device_inputs(b, e, length, n):
@@ -359,7 +379,7 @@ def print_table(rows, device, jax_version, inner, reps):
         f"(median of {reps} x {inner} calls back to back)"
     )
     fmt = lambda x: f"{x:9.3f}" if isinstance(x, float) else f"{'-':>9}"
-    print(f"{'shape':10} {'n':>3} {'impl':12} {'variant':22} {'fwd':>9} {'fwd+bwd':>9}  check")
+    print(f"{'shape':10} {'n':>3} {'impl':20} {'variant':14} {'fwd':>9} {'fwd+bwd':>9}  check")
     for r in rows:
         name = r.get("scan_impl", r["impl"])
         if "error" in r:
@@ -368,7 +388,7 @@ def print_table(rows, device, jax_version, inner, reps):
             worst = max(r["rel_err"].values()) if r.get("rel_err") else None
             status = ("ok" if r["check_ok"] else "FAILED") + (f" {worst:.1e}" if worst else "")
         print(
-            f"{r['shape']:10} {r['d_state']:3d} {name:12} {r.get('variant', ''):22} "
+            f"{r['shape']:10} {r['d_state']:3d} {name:20} {r.get('variant', ''):14} "
             f"{fmt(r.get('fwd_ms'))} {fmt(r.get('fwd_bwd_ms'))}  {status}"
         )
     ours = [r for r in rows if r["impl"] == "ours" and "fwd_ms" in r]
@@ -444,8 +464,11 @@ def main(argv=None):
     rivals = rivals_dir(args.rivals)
     impls = (args.impls or "pallas,associative" + (",jla,mamba_ssm" if rivals else "")).split(",")
     for impl in impls:
-        if impl not in OURS + RIVALS:
-            raise ValueError(f"--impls entries must be among {OURS + RIVALS}, got {impl!r}")
+        if impl.removesuffix(SEGMENTED) not in OURS and impl not in RIVALS:
+            raise ValueError(
+                f"--impls entries must be among {OURS + RIVALS} (ours also as IMPL{SEGMENTED}), "
+                f"got {impl!r}"
+            )
         if impl in RIVALS and rivals is None:
             raise ValueError(f"--impls {impl} needs --rivals PATH or $MAMBA_JAX_RIVALS")
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
@@ -501,7 +524,8 @@ def main(argv=None):
                     got = child["outputs"]
                 else:
                     got = outputs(impl, bs, random_inputs(*size, seed), jnp.bfloat16)
-                rel = rel_errors(got, reference_outputs(size, seed))
+                ref = reference_outputs(size, seed, impl.endswith(SEGMENTED))
+                rel = rel_errors(got, ref)
                 checks[key] = (rel, max(rel.values()) <= CHECK_TOL)
             except Exception as err:  # noqa: BLE001 - recorded in the row
                 checks[key] = f"{type(err).__name__}: {err}"[:400]
@@ -513,10 +537,11 @@ def main(argv=None):
                 row = {"shape": name, "batch": b, "d_inner": e, "length": length, "d_state": n}
                 row.update(
                     {"impl": "ours", "scan_impl": impl, "variant": label}
-                    if impl in OURS
+                    if impl.removesuffix(SEGMENTED) in OURS
                     else {"impl": impl}
                 )
-                if impl == "associative" and b * length * e * n > ASSOCIATIVE_MAX_ELEMS:
+                big = b * length * e * n > ASSOCIATIVE_MAX_ELEMS
+                if impl.removesuffix(SEGMENTED) == "associative" and big:
                     row["error"] = "not run: its (b, l, e, n) chunk states exceed GPU memory"
                     record.add(row)
                     continue

@@ -282,7 +282,9 @@ def _readme_rows(heading):
 
 def test_committed_results_load_and_the_rivals_match_the_readme():
     records = br.load_results(ROOT / "benchmarks" / "results")
-    assert {r.benchmark for r in records} == {"scan", "train_throughput", "decode", "tasks"}
+    assert {r.benchmark for r in records} == {
+        "scan", "train_throughput", "decode", "tasks", "length_eval"
+    }  # fmt: skip
     h200 = {r.benchmark: r for r in records if "rivals" in r.path and r.device == H200}
     assert {r.date for r in h200.values()} == {"2026-12-01"}
     # Scan: README columns mamba_ssm, jla, ours; fwd / fwd+bwd each.
@@ -443,3 +445,17 @@ def test_scan_tpu_mode_refuses_other_backends_and_prints_floors(monkeypatch, cap
     scan_bench.print_tpu_floors("S1,S4")
     out = capsys.readouterr().out
     assert "v5e floor ms" in out and out.count("fwd_bwd") == 2
+
+
+def test_length_eval_record_matches_the_training_page():
+    """docs/training.md's length-generalisation table is the committed record, rounded."""
+    (record,) = [r for r in br.load_results(ROOT / "benchmarks" / "results")
+                 if r.benchmark == "length_eval"]  # fmt: skip
+    text = (ROOT / "docs" / "training.md").read_text()
+    table = text[text.index("| positions | 0-63") :].split("\n\n")[0].splitlines()
+    cells = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table[2:]}
+    for label, run in (("packed, reset (default)", "plain"), ("state passing", "state_passing")):
+        want = [f"{r['loss']:.3f}" for r in record.rows if r["run"] == run]
+        assert [c.strip() for c in cells[label]] == want
+    tokens = [f"{r['tokens']:,}" for r in record.rows if r["run"] == "plain"]
+    assert [c.strip() for c in cells["tokens counted"]] == tokens
