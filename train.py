@@ -188,7 +188,8 @@ def config_summary(config: Config, preset: str, overrides: list[str], n_params: 
             + (" ".join(model) or "MambaConfig()")
             + (" (the rest MambaConfig's defaults)" if model else ""),
             f"plan: {t.steps} steps of {t.batch_size} x {t.seq_len} tokens, peak lr {t.lr:g}; eval "
-            f"every {t.eval_every} steps, checkpoint every {config.checkpoint.every}",
+            f"every {t.eval_every} steps, checkpoint every {config.checkpoint.every}"
+            + ("; states carried across windows (train.state_passing)" if t.state_passing else ""),
         ]
     )
 
