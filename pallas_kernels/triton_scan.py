@@ -9,13 +9,16 @@ Semantics are mamba_jax.scan.selective_scan's. The kernels live in `triton_scan_
 this module pads nothing in HBM, picks block sizes, splits long sequences across programs (the
 per-split maps are chained in JAX, a tiny (b, splits, e, n) scan), and wires the custom_vjp.
 
-Forward: one program per (channel block, sequence split, batch row) walks its tokens in chunks
-of T, scanning each chunk with `tl.associative_scan`; under differentiation it also stores the
-state before every chunk, (b, L / T, e, n) fp32, the only state tensor that reaches HBM.
-Backward: each program walks its chunks in reverse, recomputes a chunk's states from its
-checkpoint and runs the adjoint recurrence as a reverse associative scan. dB and dC are written
-as partial sums per channel block, dA, dD and d_delta_bias as partial sums per program; JAX adds
-them up, so the gradients are bitwise deterministic (no atomics).
+Forward: one program per (channel block, sequence split, batch row) holds its channels' states
+in registers (a thread per channel, the state entries in its registers) and walks its tokens one
+by one; under differentiation it also stores the state before every `chunk` tokens,
+(b, L / chunk, n, e) fp32, the only state tensor that reaches HBM. Backward: each program walks
+its chunks in reverse, recomputes a chunk's states from its checkpoint into registers and runs
+the adjoint recurrence backwards over them. dB and dC are written as partial sums per channel
+block, dA, dD and d_delta_bias as partial sums per program; JAX adds them up, so the gradients
+are bitwise deterministic (no atomics). Sequences too short of programs to fill the GPU are split
+across programs: a first pass gives each split's affine map, JAX chains them (a tiny scan), and
+the main pass starts every split from its true state.
 
 Triton and jax_triton are imported only when a kernel runs, so importing this module needs
 neither. `interpret=True` runs the same kernels in Triton's interpreter on CPU through
@@ -28,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +43,9 @@ __all__ = ["TritonBlockSizes", "selective_scan_triton", "triton_unsupported_reas
 
 MAX_D_STATE = 256
 MIN_COMPUTE_CAPABILITY = (7, 5)
+LOG2E = 1.4426950408889634
+# Warps the GPU runs at once at one warp per scheduler: 132 SMs x 4 (H100 / H200).
+TARGET_WARPS = 528
 
 
 def _pow2(x: int) -> int:
@@ -47,37 +54,38 @@ def _pow2(x: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TritonBlockSizes:
-    """Tile sizes of the Triton kernels (all optional; None picks a default from n).
+    """Tile sizes of the Triton kernels (all optional).
 
-    chunk: tokens per chunk T (a power of two; the forward and backward share it).
-    fwd_channels, bwd_channels: channels per program (powers of two).
-    fwd_tile, bwd_tile: when the channel counts are None, the budget of T * channels * n_pad
-      elements per state tile that sets them.
-    fwd_warps, bwd_warps: warps per program.
-    min_programs: below this many programs (batch x channel blocks) the sequence is split
-      across programs (each split costs one extra pass over its tokens).
+    chunk: tokens per checkpoint and per backward chunk (a power of two; the backward keeps the
+      chunk's states in registers).
+    fwd_chunk: tokens the forward loads at once (a power of two; at least `chunk`).
+    fwd_channels, bwd_channels: channels per program (powers of two). At 32 channels and one warp
+      a thread owns a channel and its state entries; at 8 the state index spreads over 4 lanes
+      (more, smaller programs; cheaper channel sums of dB and dC, dearer per-channel work).
+    fwd_warps, bwd_warps: warps per program (None: one, more for very large tiles).
+    min_programs: below this many warps (batch x channel blocks x warps) the sequence is split
+      across programs, towards TARGET_WARPS (each split costs one extra pass over its tokens).
     min_split_chunks: a split is never shorter than this many chunks.
     """
 
     chunk: int | None = None
+    fwd_chunk: int = 8
     fwd_channels: int | None = None
     bwd_channels: int | None = None
-    fwd_tile: int = 4096
-    bwd_tile: int = 4096
-    fwd_warps: int = 4
-    bwd_warps: int = 8
+    fwd_warps: int | None = None
+    bwd_warps: int | None = None
     num_stages: int = 1
     min_programs: int = 256
     min_split_chunks: int = 8
 
     def __post_init__(self):
-        for name in ("chunk", "fwd_channels", "bwd_channels"):
+        for name in ("chunk", "fwd_chunk", "fwd_channels", "bwd_channels"):
             v = getattr(self, name)
             if v is not None and (v < 2 or v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two >= 2, got {v}")
         for name in ("fwd_warps", "bwd_warps"):
             v = getattr(self, name)
-            if v < 1 or v & (v - 1):
+            if v is not None and (v < 1 or v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two, got {v}")
 
 
@@ -91,15 +99,16 @@ class _Plan:
     n: int
     groups: int
     n_pad: int
-    chunk: int
-    n_chunks: int
+    chunk: int  # tokens per checkpoint / backward chunk
+    fwd_chunk: int  # tokens per forward chunk (a multiple of chunk)
     fwd_channels: int
     bwd_channels: int
-    fwd_split: int  # chunks per split in the forward
-    bwd_split: int  # chunks per split in the backward
+    fwd_split: int  # forward chunks per split
+    bwd_split: int  # backward chunks per split
     fwd_warps: int
     bwd_warps: int
     num_stages: int
+    bc_mode: int  # B, C words: 0 fp32, 1 bf16 pairs
     softplus: bool
     has_z: bool
     has_seg: bool
@@ -109,37 +118,54 @@ class _Plan:
     def group_size(self):
         return self.e // self.groups
 
+    @property
+    def n_chunks(self):
+        return -(-self.length // self.chunk)
+
+    @property
+    def fwd_chunks(self):
+        return -(-self.length // self.fwd_chunk)
+
+    @property
+    def n_ckpt(self):
+        return self.fwd_chunks * (self.fwd_chunk // self.chunk)
+
     def blocks_per_group(self, channels):
         return -(-self.group_size // channels)
 
-    def n_splits(self, chunks_per_split):
-        return -(-self.n_chunks // chunks_per_split)
+    def n_splits(self, chunks_per_split, fwd=False):
+        return -(-(self.fwd_chunks if fwd else self.n_chunks) // chunks_per_split)
 
 
-def _chunks_per_split(programs, n_chunks, bs):
+def _chunks_per_split(warps, n_chunks, bs):
     """Split the sequence only when the programs cannot fill the GPU."""
-    if programs >= bs.min_programs:
+    if warps >= bs.min_programs:
         return n_chunks
-    splits = min(-(-bs.min_programs // programs), max(1, n_chunks // bs.min_split_chunks))
+    splits = min(-(-TARGET_WARPS // warps), max(1, n_chunks // bs.min_split_chunks))
     return -(-n_chunks // max(1, splits))
 
 
-def make_plan(b, length, e, n, g, bs, *, softplus, has_z, has_seg, interpret) -> _Plan:
+def _bc_mode(*dtypes):
+    # fp16 rows go as fp32 words (one conversion of a small (b, l, g, n) array).
+    return 1 if all(d == jnp.bfloat16 for d in dtypes) else 0
+
+
+def make_plan(b, length, e, n, g, bs, *, softplus, has_z, has_seg, interpret,
+              bc_dtypes=(jnp.bfloat16,)) -> _Plan:  # fmt: skip
     n_pad = max(2, _pow2(n))
-    chunk = bs.chunk or (16 if n_pad <= 32 else 8)
-    n_chunks = -(-length // chunk)
     p = e // g
-
-    def channels(explicit, tile):
-        if explicit is not None:
-            return explicit
-        c = max(2, min(64, tile // (n_pad * chunk)))
-        return max(2, min(c, _pow2(p)))
-
-    fwd_c = channels(bs.fwd_channels, bs.fwd_tile)
-    bwd_c = channels(bs.bwd_channels, bs.bwd_tile)
-    fwd_programs = b * g * -(-p // fwd_c)
-    bwd_programs = b * g * -(-p // bwd_c)
+    # A thread per channel (32 per warp) with its state entries in registers up to d_state 64;
+    # 8 channels per warp (the state index over 4 lanes) above, to bound registers per thread.
+    default_c = 32 if n_pad <= 64 else 8
+    fwd_c = bs.fwd_channels or max(2, min(default_c, _pow2(p)))
+    bwd_c = bs.bwd_channels or max(2, min(default_c, _pow2(p)))
+    fwd_w = bs.fwd_warps or max(1, min(8, n_pad * fwd_c // 2048))
+    bwd_w = bs.bwd_warps or max(1, min(8, n_pad * bwd_c // 2048))
+    # The backward keeps a chunk's states in registers: at most ~64 values per thread.
+    chunk = bs.chunk or max(2, min(4, 2048 * bwd_w // (n_pad * bwd_c)))
+    fwd_chunk = max(chunk, bs.fwd_chunk)
+    fwd_warps = b * g * -(-p // fwd_c) * fwd_w
+    bwd_warps = b * g * -(-p // bwd_c) * bwd_w
     return _Plan(
         batch=b,
         length=length,
@@ -148,14 +174,15 @@ def make_plan(b, length, e, n, g, bs, *, softplus, has_z, has_seg, interpret) ->
         groups=g,
         n_pad=n_pad,
         chunk=chunk,
-        n_chunks=n_chunks,
+        fwd_chunk=fwd_chunk,
         fwd_channels=fwd_c,
         bwd_channels=bwd_c,
-        fwd_split=_chunks_per_split(fwd_programs, n_chunks, bs),
-        bwd_split=_chunks_per_split(bwd_programs, n_chunks, bs),
-        fwd_warps=bs.fwd_warps,
-        bwd_warps=bs.bwd_warps,
+        fwd_split=_chunks_per_split(fwd_warps, -(-length // fwd_chunk), bs),
+        bwd_split=_chunks_per_split(bwd_warps, -(-length // chunk), bs),
+        fwd_warps=fwd_w,
+        bwd_warps=bwd_w,
         num_stages=bs.num_stages,
+        bc_mode=_bc_mode(*bc_dtypes),
         softplus=bool(softplus),
         has_z=bool(has_z),
         has_seg=bool(has_seg),
@@ -252,10 +279,16 @@ def _launch(plan, name, grid, warps, inputs, out_shapes, scalars):
     def host(*arrays):
         outs = [np.zeros(s.shape, s.dtype) for s in out_shapes]
         args = [_HostTensor(np.asarray(a)) for a in arrays] + [_HostTensor(o) for o in outs]
-        kernel[grid](*args, **scalars)
+        # XLA may run independent callbacks (the forward and the backward's split pass) on two
+        # threads at once, and Triton's interpreter patches global state while it runs.
+        with _INTERPRETER_LOCK:
+            kernel[grid](*args, **scalars)
         return tuple(o.array for o in args[len(arrays) :])
 
     return list(jax.pure_callback(host, tuple(out_shapes), *inputs))
+
+
+_INTERPRETER_LOCK = threading.Lock()
 
 
 def _interpreter_numpy_compat():
@@ -338,27 +371,28 @@ class _HostTensor:
 # Forward and backward.
 
 
-def _sizes(plan, channels, chunks_per_split):
+def _sizes(plan, channels, chunks_per_split, fwd):
     p = plan.group_size
-    nb = plan.blocks_per_group(channels)
+    k = plan.fwd_chunk if fwd else plan.chunk
+    nc = plan.fwd_chunks if fwd else plan.n_chunks
     return dict(
         L=plan.length,
         E=plan.e,
-        N=plan.n,
         G=plan.groups,
         P=p,
-        NB=nb,
-        NC=plan.n_chunks,
+        NB=plan.blocks_per_group(channels),
+        NC=nc,
         CPS=chunks_per_split,
-        NSPLIT=plan.n_splits(chunks_per_split),
+        NSPLIT=plan.n_splits(chunks_per_split, fwd),
         BE=channels,
         NP=plan.n_pad,
-        T=plan.chunk,
+        K=k,
+        BC=plan.bc_mode,
     )
 
 
 def _chain_forward(p, s, h0):
-    """p, s: (b, splits, e, n): the start state of every split from h0, split k ending at
+    """p, s: (b, splits, NP, e): the start state of every split from h0, split k ending at
     p[k] h + s[k]."""
 
     def step(h, ps):
@@ -369,31 +403,60 @@ def _chain_forward(p, s, h0):
 
 
 def _chain_backward(p, q, gh):
-    """p, q: (b, splits, e, n): lam after every split, the last one's being gh, and lam at
-    split k's first token being p[k] lam_after + q[k]."""
+    """p, q: (b, splits, NP, e): the carry into every split's last token, the last split's being
+    gh, and the carry out of split k's first token being p[k] carry_in + q[k]."""
 
-    def step(lam_after, pq):
-        return pq[0] * lam_after + pq[1], lam_after
+    def step(carry_in, pq):
+        return pq[0] * carry_in + pq[1], carry_in
 
-    _, after = jax.lax.scan(step, gh, (jnp.moveaxis(p, 1, 0), jnp.moveaxis(q, 1, 0)), reverse=True)
-    return jnp.moveaxis(after, 0, 1)
+    _, ins = jax.lax.scan(step, gh, (jnp.moveaxis(p, 1, 0), jnp.moveaxis(q, 1, 0)), reverse=True)
+    return jnp.moveaxis(ins, 0, 1)
 
 
-def _forward(plan, u, delta, z, B, C, A, D, bias, h0, keep, save):
-    b, e, n = plan.batch, plan.e, plan.n
+def _state_in(plan, x):
+    """(b, e, n) -> (b, NP, e) fp32, zero-padded state entries."""
+    x = jnp.swapaxes(x.astype(jnp.float32), 1, 2)
+    return jnp.pad(x, ((0, 0), (0, plan.n_pad - plan.n), (0, 0)))
+
+
+def _state_out(plan, x):
+    """(..., NP, e) -> (..., e, n)."""
+    return jnp.swapaxes(x[..., : plan.n, :], -1, -2)
+
+
+def _bc_words(plan, x):
+    """(b, l, g, n) -> (b, l, g, words) uint32: the row padded to NP, as fp32 words or packed
+    bf16 pairs (the kernels read one row with NP or NP / 2 word loads)."""
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, plan.n_pad - plan.n)))
+    if plan.bc_mode == 0:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    x = x.astype(jnp.bfloat16).reshape(*x.shape[:-1], plan.n_pad // 2, 2)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+def _a_scaled(plan, A):
+    """A (e, n) -> A log2(e) as (NP, e), zero-padded."""
+    return _state_in(plan, (A * LOG2E)[None])[0]
+
+
+def _forward(plan, u, delta, z, B, C, A, D, bias, h0, rst, save):
+    b, e, np_ = plan.batch, plan.e, plan.n_pad
     f32 = jnp.float32
-    sc = _sizes(plan, plan.fwd_channels, plan.fwd_split)
+    sc = _sizes(plan, plan.fwd_channels, plan.fwd_split, fwd=True)
     flags = dict(HAS_SEG=plan.has_seg, SOFTPLUS=plan.softplus)
     nsplit = sc["NSPLIT"]
     grid = (plan.groups * sc["NB"], nsplit, b)
-    split_shape = jax.ShapeDtypeStruct((b, nsplit, e, n), f32)
+    Bw, Cw, A2 = _bc_words(plan, B), _bc_words(plan, C), _a_scaled(plan, A)
+    split_shape = jax.ShapeDtypeStruct((b, nsplit, np_, e), f32)
+    h0 = _state_in(plan, h0)
     if nsplit > 1:
         p, s = _launch(plan, "_fwd_local_kernel", grid, plan.fwd_warps,
-                       [u, delta, B, A, bias, keep], [split_shape, split_shape], {**sc, **flags})  # fmt: skip
+                       [u, delta, Bw, A2, bias, rst], [split_shape, split_shape],
+                       {**sc, **flags})  # fmt: skip
         starts = _chain_forward(p, s, h0)
     else:
         starts = h0[:, None]
-    ckpt_shape = (b, plan.n_chunks, e, n) if save else (1,)
+    ckpt_shape = (b, plan.n_ckpt, np_, e) if save else (1,)
     outs = [
         jax.ShapeDtypeStruct(u.shape, u.dtype),
         split_shape,
@@ -401,76 +464,77 @@ def _forward(plan, u, delta, z, B, C, A, D, bias, h0, keep, save):
     ]
     y, h_end, ckpt = _launch(
         plan, "_fwd_kernel", grid, plan.fwd_warps,
-        [u, delta, z, B, C, A, D, bias, keep, starts], outs,
-        {**sc, **flags, "HAS_Z": plan.has_z, "SAVE": bool(save)},
+        [u, delta, z, Bw, Cw, A2, D, bias, rst, starts], outs,
+        {**sc, **flags, "HAS_Z": plan.has_z, "SAVE": bool(save), "CK": plan.chunk,
+         "NCK": plan.n_ckpt},
     )  # fmt: skip
-    return y, h_end[:, -1], ckpt
+    return y, _state_out(plan, h_end[:, -1]), ckpt
 
 
 def _backward(plan, res, gy, gh):
-    u, delta, z, B, C, A, D, bias, keep, ckpt = res
-    b, length, e, n, g = plan.batch, plan.length, plan.e, plan.n, plan.groups
+    u, delta, z, B, C, A, D, bias, rst, ckpt = res
+    b, length, e, n, g, np_ = plan.batch, plan.length, plan.e, plan.n, plan.groups, plan.n_pad
     f32 = jnp.float32
-    sc = _sizes(plan, plan.bwd_channels, plan.bwd_split)
+    sc = _sizes(plan, plan.bwd_channels, plan.bwd_split, fwd=False)
     flags = dict(HAS_SEG=plan.has_seg, SOFTPLUS=plan.softplus, HAS_Z=plan.has_z)
     nsplit, nb = sc["NSPLIT"], sc["NB"]
     grid = (g * nb, nsplit, b)
-    split_shape = jax.ShapeDtypeStruct((b, nsplit, e, n), f32)
+    Bw, Cw, A2 = _bc_words(plan, B), _bc_words(plan, C), _a_scaled(plan, A)
+    split_shape = jax.ShapeDtypeStruct((b, nsplit, np_, e), f32)
+    gh = _state_in(plan, gh)
     if nsplit > 1:
         p, q = _launch(plan, "_bwd_local_kernel", grid, plan.bwd_warps,
-                       [delta, z, gy, C, A, bias, keep], [split_shape, split_shape],
+                       [delta, z, gy, Cw, A2, bias, rst], [split_shape, split_shape],
                        {**sc, **flags})  # fmt: skip
-        lam_after = _chain_backward(p, q, gh)
+        carry_in = _chain_backward(p, q, gh)
     else:
-        lam_after = gh[:, None]
+        carry_in = gh[:, None]
     blocks = g * nb
     outs = [
         jax.ShapeDtypeStruct(u.shape, u.dtype),
         jax.ShapeDtypeStruct(delta.shape, delta.dtype),
         jax.ShapeDtypeStruct(z.shape if plan.has_z else (1,), z.dtype),
-        jax.ShapeDtypeStruct((blocks, b, length, n), f32),
-        jax.ShapeDtypeStruct((blocks, b, length, n), f32),
+        jax.ShapeDtypeStruct((blocks, b, length, np_), f32),
+        jax.ShapeDtypeStruct((blocks, b, length, np_), f32),
         split_shape,
         jax.ShapeDtypeStruct((b, nsplit, e), f32),
         jax.ShapeDtypeStruct((b, nsplit, e), f32),
         split_shape,
     ]
-    du, ddelta, dz, dB, dC, dA, dD, dbias, lam0 = _launch(
+    du, ddelta, dz, dB, dC, dA, dD, dbias, carry0 = _launch(
         plan, "_bwd_kernel", grid, plan.bwd_warps,
-        [u, delta, z, gy, B, C, A, D, bias, keep, ckpt, lam_after], outs,
-        {**sc, **flags, "BATCH": b},
+        [u, delta, z, gy, Bw, Cw, A2, D, bias, rst, ckpt, carry_in], outs,
+        {**sc, **flags, "BATCH": b, "NCK": plan.n_ckpt},
     )  # fmt: skip
     # Partial sums -> gradients (fixed order: deterministic).
-    dB = dB.reshape(g, nb, b, length, n).sum(axis=1).transpose(1, 2, 0, 3)  # (b, L, g, n)
-    dC = dC.reshape(g, nb, b, length, n).sum(axis=1).transpose(1, 2, 0, 3)
-    dA = dA.sum(axis=(0, 1))
+    dB = dB.reshape(g, nb, b, length, np_).sum(axis=1).transpose(1, 2, 0, 3)[..., :n]
+    dC = dC.reshape(g, nb, b, length, np_).sum(axis=1).transpose(1, 2, 0, 3)[..., :n]
+    dA = _state_out(plan, dA.sum(axis=(0, 1)))
     dD = dD.sum(axis=(0, 1))
     dbias = dbias.sum(axis=(0, 1))
-    # d h0 = a_0 lam_0: the first token's decay (a segment never starts at position 0).
-    x0 = delta[:, 0].astype(f32) + bias
-    dt0 = jnp.where(x0 > 20.0, x0, jax.nn.softplus(x0)) if plan.softplus else x0
-    dh0 = jnp.exp(dt0[..., None] * A) * lam0[:, 0]
+    # d h0 is the carry out of the first token (a segment never starts at position 0).
+    dh0 = _state_out(plan, carry0[:, 0])
     dz = dz if plan.has_z else jnp.zeros_like(z)
     return du, ddelta, dz, dB, dC, dA, dD, dbias, dh0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(plan, u, delta, z, B, C, A, D, bias, h0, keep):
-    y, h, _ = _forward(plan, u, delta, z, B, C, A, D, bias, h0, keep, save=False)
+def _scan(plan, u, delta, z, B, C, A, D, bias, h0, rst):
+    y, h, _ = _forward(plan, u, delta, z, B, C, A, D, bias, h0, rst, save=False)
     return y, h
 
 
-def _scan_fwd(plan, u, delta, z, B, C, A, D, bias, h0, keep):
-    y, h, ckpt = _forward(plan, u, delta, z, B, C, A, D, bias, h0, keep, save=True)
-    return (y, h), (u, delta, z, B, C, A, D, bias, keep, ckpt)
+def _scan_fwd(plan, u, delta, z, B, C, A, D, bias, h0, rst):
+    y, h, ckpt = _forward(plan, u, delta, z, B, C, A, D, bias, h0, rst, save=True)
+    return (y, h), (u, delta, z, B, C, A, D, bias, rst, ckpt)
 
 
 def _scan_bwd(plan, res, cotangents):
     gy, gh = cotangents
     du, ddelta, dz, dB, dC, dA, dD, dbias, dh0 = _backward(plan, res, gy, gh.astype(jnp.float32))
-    B, C, keep = res[3], res[4], res[8]
+    B, C, rst = res[3], res[4], res[8]
     return (du, ddelta, dz, dB.astype(B.dtype), dC.astype(C.dtype), dA, dD, dbias, dh0,
-            jnp.zeros_like(keep))  # fmt: skip
+            jnp.zeros_like(rst))  # fmt: skip
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -507,7 +571,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
         raise ValueError(f"selective_scan_triton cannot run this call: {reason}")
     plan = make_plan(b, length, e, n, g, block_sizes or TritonBlockSizes(),
                      softplus=delta_softplus, has_z=z is not None,
-                     has_seg=segment_ids is not None, interpret=interpret)  # fmt: skip
+                     has_seg=segment_ids is not None, interpret=interpret,
+                     bc_dtypes=(B.dtype, C.dtype))  # fmt: skip
     f32 = jnp.float32
     Bg = B if B.ndim == 4 else B[:, :, None, :]
     Cg = C if C.ndim == 4 else C[:, :, None, :]
@@ -519,8 +584,10 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     h0 = jnp.zeros((b, e, n), f32) if initial_state is None else initial_state.astype(f32)
     z_arg = z if z is not None else jnp.zeros((1,), u.dtype)
     if segment_ids is None:
-        keep = jnp.ones((1,), f32)
+        rst = jnp.zeros((1,), f32)
     else:
-        same = segment_ids[:, 1:] == segment_ids[:, :-1]
-        keep = jnp.concatenate([jnp.ones((b, 1), bool), same], axis=1).astype(f32)
-    return _scan(plan, u, delta, z_arg, Bg, Cg, A, D, bias, h0, keep)
+        # The decay's exponent offset: -inf where a segment starts (exp2 gives 0), else 0.
+        start = segment_ids[:, 1:] != segment_ids[:, :-1]
+        start = jnp.concatenate([jnp.zeros((b, 1), bool), start], axis=1)
+        rst = jnp.where(start, -jnp.inf, 0.0).astype(f32)
+    return _scan(plan, u, delta, z_arg, Bg, Cg, A, D, bias, h0, rst)

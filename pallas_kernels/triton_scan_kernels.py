@@ -4,37 +4,37 @@ Every kernel runs one program per (channel block, sequence split, batch row): gr
 the channel blocks, axis 1 the splits of the sequence, axis 2 the batch. A channel block never
 straddles two B/C groups: with p = e // g channels per group, block i covers channels
 group * p + j for j in [(i % NB) * BE, (i % NB + 1) * BE) and j < p, group = i // NB, so each
-program reads one (T, n) tile of B and C per chunk.
+program reads one (n,) row of B and C per token.
 
-Inside a program the sequence is walked in chunks of T tokens. A chunk's states are a
-(BE, NP, T) tile (channels, state index padded to a power of two, time), computed by an
-associative scan over time of the affine maps h -> a_t h + b_t, a_t = exp(dt_t A) (times 0 where
-a new segment starts) and b_t = dt_t u_t B_t, applied to the state carried in from the previous
-chunk. Padded channels, state entries and tokens past the end are identity steps (dt = 0, A = 0,
-B = 0), so they never disturb the real ones, and stores are masked.
+A program holds the state of its channels as an (NP, BE) fp32 register tile (state index padded
+to a power of two x channels: a thread owns channels, their state entries in its registers) and walks its tokens one at a time, the recurrence
+h_t = a_t h_{t-1} + dt_t u_t B_t with a_t = exp2(dt_t A') (A' = A log2(e), scaled in JAX), times
+0 where a new segment starts (its exponent offset is -inf there, 0 elsewhere). The tokens come in
+chunks of K: a chunk's inputs are loaded into registers first (tuples of per-token vectors,
+unrolled with tl.static_range) and the next chunk's are loaded before the current one is
+computed, so the loads' latency overlaps the arithmetic. Padded channels and state entries stay
+at zero (u = 0, B = C = 0, A = 0) and tokens past the end are identity steps (dt = 0); stores are
+masked.
 
 Kernels:
   _fwd_local_kernel  per split, the map h_end = P h_start + S from zero (for splitting the
                      sequence across programs; the splits are then chained in JAX).
-  _fwd_kernel        y, the end state of each split, and optionally the state at every chunk
-                     start (the checkpoints of the backward).
-  _bwd_local_kernel  per split, the adjoint map lam_start = P' lam_after + Q from zero.
-  _bwd_kernel        recomputes each chunk's states from its checkpoint, runs the adjoint
-                     recurrence lam_t = C_t gy_t + a_{t+1} lam_{t+1} backwards (a reverse
-                     associative scan; a_{t+1} is recomputed from the next token's delta), and
-                     writes du, d_delta, dz, per-block partial sums of dB and dC, and per-program
-                     partial sums of dA, dD and d_delta_bias. No atomics: the partial sums are
-                     added up in JAX, so gradients are deterministic.
+  _fwd_kernel        y, the end state of each split, and optionally the state before every
+                     chunk (the checkpoints of the backward).
+  _bwd_local_kernel  per split, the adjoint map carry_out = P' carry_in + Q from zero, carry
+                     being a_t lam_t at the split's first token (what flows to the token before).
+  _bwd_kernel        walks the chunks in reverse: recomputes a chunk's K states from its
+                     checkpoint into registers, then runs the adjoint recurrence
+                     lam_t = C_t gy_t + a_{t+1} lam_{t+1} backwards over them and writes du,
+                     d_delta, dz, per-block partial sums of dB and dC, and per-program partial
+                     sums of dA, dD and d_delta_bias. No atomics: the partial sums are added up
+                     in JAX, so gradients are deterministic.
 """
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _affine_combine(a_first, b_first, a_second, b_second):
-    """Composes h -> a_first h + b_first, then h -> a_second h + b_second."""
-    return a_first * a_second, b_first * a_second + b_second
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -46,269 +46,353 @@ def _step_size(x, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _block_indices(E, N, P, NB, BE: tl.constexpr, NP: tl.constexpr):
-    """This program's group, channel indices (BE,), channel mask, state indices (NP,), and mask."""
+def _block_indices(E: tl.constexpr, P: tl.constexpr, NB: tl.constexpr, BE: tl.constexpr,
+                   NP: tl.constexpr):  # fmt: skip
+    """This program's group, channel indices (BE,), channel mask, the (NP, BE) offsets of its
+    state entries in an (NP, e) array, and their mask."""
     pid_e = tl.program_id(0)
     grp = pid_e // NB
     j = (pid_e % NB) * BE + tl.arange(0, BE)
     mask_e = j < P
     ch = grp * P + j
-    k = tl.arange(0, NP)
-    mask_n = k < N
-    return grp, ch, mask_e, k, mask_n
+    state_off = tl.arange(0, NP)[:, None] * E + ch[None, :]
+    # Full-shape (not broadcast) masks: Triton's interpreter reads a broadcast mask out of bounds.
+    mask_s = (tl.arange(0, NP)[:, None] * 0 + j[None, :]) < P
+    return grp, ch, mask_e, state_off, mask_s
 
 
 @triton.jit
-def _chunk_decay(delta_ptr, keep_ptr, bias, A, row, ch, m2, mask_t,
-                 E, HAS_SEG: tl.constexpr, SOFTPLUS: tl.constexpr):  # fmt: skip
-    """For the tokens `row` (T,) of this batch row: dt (BE, T), the pre-softplus x (BE, T), and
-    the decay a (BE, NP, T); masked tokens and channels get dt = 0 and a = 1."""
-    x = tl.load(delta_ptr + row[None, :] * E + ch[:, None], mask=m2, other=0.0).to(tl.float32)
-    x = x + bias[:, None]
-    dt = tl.where(m2, _step_size(x, SOFTPLUS), 0.0)
-    a = tl.exp(dt[:, None, :] * A[:, :, None])
+def _bc_row(ptr, words, t, L: tl.constexpr, BC: tl.constexpr, NP: tl.constexpr):
+    """One (NP,) fp32 row of B or C from its uint32 words: fp32 values (BC 0), or bf16 pairs
+    (BC 1, the low half is the even state index); zeros past the end (t >= L)."""
+    # A full-shape mask (a broadcast scalar one trips Triton's interpreter).
+    mask = (words * 0 + t) < L
+    w = tl.where(mask, tl.load(ptr + words, mask=mask, other=0), 0)
+    if BC == 0:
+        row = w.to(tl.float32, bitcast=True)
+    else:
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & 0xFFFF0000).to(tl.float32, bitcast=True)
+        row = tl.reshape(tl.join(lo, hi), (NP,))
+    return row
+
+
+@triton.jit
+def _masked(ptr, mask):
+    """An fp32 load that is 0 where masked. The where() repeats the mask's zeros because
+    Triton's interpreter fills masked lanes from a broadcast `other` it reads out of bounds."""
+    return tl.where(mask, tl.load(ptr, mask=mask, other=0.0), 0.0)
+
+
+@triton.jit
+def _bc_words(row, grp, G: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr):
+    """Word offsets of one token's B/C row: (b, l, g, NP) values, NP (fp32) or NP / 2 words."""
+    W: tl.constexpr = NP if BC == 0 else NP // 2
+    return (row * G + grp) * W + tl.arange(0, W)
+
+
+@triton.jit
+def _load_tokens(ptr, c, ch, mask_e, L: tl.constexpr, E: tl.constexpr, K: tl.constexpr):
+    """Raw (BE,) rows of one batch row's (l, e) array for chunk c's K tokens (a tuple); 0 past
+    the end."""
+    out = ()
+    for j in tl.static_range(K):
+        t = c * K + j
+        out = out + (tl.load(ptr + t * E + ch, mask=mask_e & (t < L), other=0.0),)
+    return out
+
+
+@triton.jit
+def _load_resets(rst_ptr, bi, c, L: tl.constexpr, K: tl.constexpr, HAS_SEG: tl.constexpr):
+    """Chunk c's exponent offsets (-inf at a segment start, else 0), a tuple of scalars."""
+    out = ()
     if HAS_SEG:
-        keep = tl.load(keep_ptr + row, mask=mask_t, other=1.0)
-        a = a * keep[None, None, :]
-    return dt, x, a
+        for j in tl.static_range(K):
+            t = c * K + j
+            out = out + (tl.load(rst_ptr + bi * L + t, mask=t < L, other=0.0),)
+    return out
+
+
+@triton.jit
+def _decay(dt, A2, rs, j, HAS_SEG: tl.constexpr):
+    """a_t = exp2(dt A') (NP, BE), 0 at a segment start."""
+    arg = dt[None, :] * A2
+    if HAS_SEG:
+        arg = arg + rs[j]
+    return tl.exp2(arg)
+
+
+@triton.jit
+def _token(us, ds, bias, j, t, mask_e, L: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """u, the pre-softplus x, and dt of token j of a chunk (fp32 (BE,)); u = 0 on masked
+    channels and past the end, dt = 0 past the end."""
+    m = mask_e & (t < L)
+    u = tl.where(m, us[j].to(tl.float32), 0.0)
+    x = tl.where(m, ds[j].to(tl.float32), 0.0) + bias
+    dt = tl.where(t < L, _step_size(x, SOFTPLUS), 0.0)
+    return u, x, dt
 
 
 @triton.jit
 def _fwd_local_kernel(
-    u_ptr, delta_ptr, b_ptr, a_ptr, bias_ptr, keep_ptr,
+    u_ptr, delta_ptr, b_ptr, a_ptr, bias_ptr, rst_ptr,
     p_ptr, s_ptr,
-    L, E, N, G, P, NB, NC, CPS, NSPLIT,
-    BE: tl.constexpr, NP: tl.constexpr, T: tl.constexpr,
-    HAS_SEG: tl.constexpr, SOFTPLUS: tl.constexpr,
+    L: tl.constexpr, E: tl.constexpr, G: tl.constexpr, P: tl.constexpr, NB: tl.constexpr,
+    NC: tl.constexpr, CPS: tl.constexpr, NSPLIT: tl.constexpr, BE: tl.constexpr,
+    NP: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, HAS_SEG: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    """p, s: (b, NSPLIT, e, n) fp32, the split's end state is p * (its start state) + s."""
-    grp, ch, mask_e, k, mask_n = _block_indices(E, N, P, NB, BE, NP)
+    """p, s: (b, NSPLIT, NP, e) fp32, the split's end state is p * (its start state) + s."""
+    grp, ch, mask_e, state_off, mask_s = _block_indices(E, P, NB, BE, NP)
     sp = tl.program_id(1)
     bi = tl.program_id(2).to(tl.int64)
-    mask_en = mask_e[:, None] & mask_n[None, :]
-    A = tl.load(a_ptr + ch[:, None] * N + k[None, :], mask=mask_en, other=0.0)
-    bias = tl.load(bias_ptr + ch, mask=mask_e, other=0.0)
-    tt = tl.arange(0, T)
-    last = (tt == T - 1)[None, None, :]
-    h = tl.zeros((BE, NP), tl.float32)
-    prod = tl.full((BE, NP), 1.0, tl.float32)
+    u_p = u_ptr + bi * L * E
+    d_p = delta_ptr + bi * L * E
+    A2 = _masked(a_ptr + state_off, mask_s)
+    bias = _masked(bias_ptr + ch, mask_e)
+    h = tl.zeros((NP, BE), tl.float32)
+    prod = tl.full((NP, BE), 1.0, tl.float32)
     c_lo = sp * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
+    nu = _load_tokens(u_p, c_lo, ch, mask_e, L, E, K)
+    nd = _load_tokens(d_p, c_lo, ch, mask_e, L, E, K)
     for c in range(c_lo, c_hi):
-        t = c * T + tt
-        mask_t = t < L
-        row = bi * L + t
-        m2 = mask_e[:, None] & mask_t[None, :]
-        u = tl.load(u_ptr + row[None, :] * E + ch[:, None], mask=m2, other=0.0).to(tl.float32)
-        dt, x, a = _chunk_decay(delta_ptr, keep_ptr, bias, A, row, ch, m2, mask_t, E, HAS_SEG,
-                                SOFTPLUS)  # fmt: skip
-        mbc = mask_n[:, None] & mask_t[None, :]
-        Bt = tl.load(b_ptr + (row[None, :] * G + grp) * N + k[:, None], mask=mbc, other=0.0)
-        bx = (dt * u)[:, None, :] * Bt.to(tl.float32)[None, :, :]
-        acum, bcum = tl.associative_scan((a, bx), 2, _affine_combine)
-        hs = acum * h[:, :, None] + bcum
-        h = tl.sum(tl.where(last, hs, 0.0), axis=2)
-        prod = prod * tl.sum(tl.where(last, acum, 0.0), axis=2)
-    off = (bi * NSPLIT + sp) * E * N + ch[:, None] * N + k[None, :]
-    tl.store(p_ptr + off, prod, mask=mask_en)
-    tl.store(s_ptr + off, h, mask=mask_en)
+        us = nu
+        ds = nd
+        nu = _load_tokens(u_p, c + 1, ch, mask_e, L, E, K)
+        nd = _load_tokens(d_p, c + 1, ch, mask_e, L, E, K)
+        rs = _load_resets(rst_ptr, bi, c, L, K, HAS_SEG)
+        for j in tl.static_range(K):
+            t = c * K + j
+            u, x, dt = _token(us, ds, bias, j, t, mask_e, L, SOFTPLUS)
+            brow = _bc_row(b_ptr, _bc_words(bi * L + t, grp, G, NP, BC), t, L, BC, NP)
+            a = _decay(dt, A2, rs, j, HAS_SEG)
+            h = a * h + (dt * u)[None, :] * brow[:, None]
+            prod = prod * a
+    off = (bi * NSPLIT + sp) * NP * E + state_off
+    tl.store(p_ptr + off, prod, mask=mask_s)
+    tl.store(s_ptr + off, h, mask=mask_s)
 
 
 @triton.jit
 def _fwd_kernel(
-    u_ptr, delta_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, keep_ptr, h0_ptr,
+    u_ptr, delta_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, rst_ptr, h0_ptr,
     y_ptr, hend_ptr, ckpt_ptr,
-    L, E, N, G, P, NB, NC, CPS, NSPLIT,
-    BE: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_SEG: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr,
+    L: tl.constexpr, E: tl.constexpr, G: tl.constexpr, P: tl.constexpr, NB: tl.constexpr,
+    NC: tl.constexpr, CPS: tl.constexpr, NSPLIT: tl.constexpr, BE: tl.constexpr,
+    NP: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_SEG: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE: tl.constexpr, CK: tl.constexpr,
+    NCK: tl.constexpr,
 ):  # fmt: skip
-    """h0, hend: (b, NSPLIT, e, n) fp32 start / end state of each split; y: (b, L, e);
-    ckpt: (b, NC, e, n) fp32, the state before each chunk (written when SAVE)."""
-    grp, ch, mask_e, k, mask_n = _block_indices(E, N, P, NB, BE, NP)
+    """h0, hend: (b, NSPLIT, NP, e) fp32 start / end state of each split; y: (b, L, e);
+    ckpt: (b, NCK, NP, e) fp32, the state before every CK tokens (written when SAVE; CK divides
+    K)."""
+    grp, ch, mask_e, state_off, mask_s = _block_indices(E, P, NB, BE, NP)
     sp = tl.program_id(1)
     bi = tl.program_id(2).to(tl.int64)
-    mask_en = mask_e[:, None] & mask_n[None, :]
-    state_off = ch[:, None] * N + k[None, :]
-    A = tl.load(a_ptr + state_off, mask=mask_en, other=0.0)
-    Dv = tl.load(d_ptr + ch, mask=mask_e, other=0.0)
-    bias = tl.load(bias_ptr + ch, mask=mask_e, other=0.0)
-    tt = tl.arange(0, T)
-    last = (tt == T - 1)[None, None, :]
-    split_off = (bi * NSPLIT + sp) * E * N + state_off
-    h = tl.load(h0_ptr + split_off, mask=mask_en, other=0.0)
+    u_p = u_ptr + bi * L * E
+    d_p = delta_ptr + bi * L * E
+    z_p = z_ptr + bi * L * E
+    y_p = y_ptr + bi * L * E
+    A2 = _masked(a_ptr + state_off, mask_s)
+    Dv = _masked(d_ptr + ch, mask_e)
+    bias = _masked(bias_ptr + ch, mask_e)
+    split_off = (bi * NSPLIT + sp) * NP * E + state_off
+    h = _masked(h0_ptr + split_off, mask_s)
     c_lo = sp * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
+    nu = _load_tokens(u_p, c_lo, ch, mask_e, L, E, K)
+    nd = _load_tokens(d_p, c_lo, ch, mask_e, L, E, K)
+    nz = ()
+    if HAS_Z:
+        nz = _load_tokens(z_p, c_lo, ch, mask_e, L, E, K)
     for c in range(c_lo, c_hi):
-        if SAVE:
-            tl.store(ckpt_ptr + (bi * NC + c) * E * N + state_off, h, mask=mask_en)
-        t = c * T + tt
-        mask_t = t < L
-        row = bi * L + t
-        m2 = mask_e[:, None] & mask_t[None, :]
-        x_off = row[None, :] * E + ch[:, None]
-        u = tl.load(u_ptr + x_off, mask=m2, other=0.0).to(tl.float32)
-        dt, x, a = _chunk_decay(delta_ptr, keep_ptr, bias, A, row, ch, m2, mask_t, E, HAS_SEG,
-                                SOFTPLUS)  # fmt: skip
-        mbc = mask_n[:, None] & mask_t[None, :]
-        bc_off = (row[None, :] * G + grp) * N + k[:, None]
-        Bt = tl.load(b_ptr + bc_off, mask=mbc, other=0.0).to(tl.float32)
-        Ct = tl.load(c_ptr + bc_off, mask=mbc, other=0.0).to(tl.float32)
-        bx = (dt * u)[:, None, :] * Bt[None, :, :]
-        acum, bcum = tl.associative_scan((a, bx), 2, _affine_combine)
-        hs = acum * h[:, :, None] + bcum
-        h = tl.sum(tl.where(last, hs, 0.0), axis=2)
-        y = tl.sum(hs * Ct[None, :, :], axis=1) + Dv[:, None] * u
+        us = nu
+        ds = nd
+        zs = nz
+        nu = _load_tokens(u_p, c + 1, ch, mask_e, L, E, K)
+        nd = _load_tokens(d_p, c + 1, ch, mask_e, L, E, K)
         if HAS_Z:
-            zz = tl.load(z_ptr + x_off, mask=m2, other=0.0).to(tl.float32)
-            y = y * zz / (1.0 + tl.exp(-zz))
-        tl.store(y_ptr + x_off, y.to(y_ptr.dtype.element_ty), mask=m2)
-    tl.store(hend_ptr + split_off, h, mask=mask_en)
+            nz = _load_tokens(z_p, c + 1, ch, mask_e, L, E, K)
+        rs = _load_resets(rst_ptr, bi, c, L, K, HAS_SEG)
+        ys = ()
+        for j in tl.static_range(K):
+            t = c * K + j
+            if SAVE:
+                if j % CK == 0:
+                    ck = (c * K + j) // CK
+                    tl.store(ckpt_ptr + (bi * NCK + ck) * NP * E + state_off, h,
+                             mask=mask_s)  # fmt: skip
+            u, x, dt = _token(us, ds, bias, j, t, mask_e, L, SOFTPLUS)
+            words = _bc_words(bi * L + t, grp, G, NP, BC)
+            brow = _bc_row(b_ptr, words, t, L, BC, NP)
+            crow = _bc_row(c_ptr, words, t, L, BC, NP)
+            a = _decay(dt, A2, rs, j, HAS_SEG)
+            h = a * h + (dt * u)[None, :] * brow[:, None]
+            y = tl.sum(h * crow[:, None], axis=0) + Dv * u
+            if HAS_Z:
+                zz = tl.where(mask_e & (t < L), zs[j].to(tl.float32), 0.0)
+                y = y * zz / (1.0 + tl.exp(-zz))
+            ys = ys + (y,)
+        for j in tl.static_range(K):
+            t = c * K + j
+            tl.store(y_p + t * E + ch, ys[j].to(y_ptr.dtype.element_ty), mask=mask_e & (t < L))
+    tl.store(hend_ptr + split_off, h, mask=mask_s)
 
 
 @triton.jit
-def _gate_grad(gout_ptr, z_ptr, x_off, m2, HAS_Z: tl.constexpr):
-    """The output cotangent (BE, T) fp32, the cotangent of y before the gate, and sigmoid(z)."""
-    g = tl.load(gout_ptr + x_off, mask=m2, other=0.0).to(tl.float32)
+def _gate(g, zs, j, m, HAS_Z: tl.constexpr):
+    """The cotangent of y before the gate, z and sigmoid(z) (g itself when there is no gate)."""
     if HAS_Z:
-        zz = tl.load(z_ptr + x_off, mask=m2, other=0.0).to(tl.float32)
+        zz = tl.where(m, zs[j].to(tl.float32), 0.0)
         sz = 1.0 / (1.0 + tl.exp(-zz))
         gy = g * zz * sz
     else:
         zz = g
         sz = g
         gy = g
-    return g, gy, zz, sz
+    return gy, zz, sz
 
 
 @triton.jit
 def _bwd_local_kernel(
-    delta_ptr, z_ptr, gout_ptr, c_ptr, a_ptr, bias_ptr, keep_ptr,
+    delta_ptr, z_ptr, gout_ptr, c_ptr, a_ptr, bias_ptr, rst_ptr,
     p_ptr, q_ptr,
-    L, E, N, G, P, NB, NC, CPS, NSPLIT,
-    BE: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, HAS_Z: tl.constexpr,
+    L: tl.constexpr, E: tl.constexpr, G: tl.constexpr, P: tl.constexpr, NB: tl.constexpr,
+    NC: tl.constexpr, CPS: tl.constexpr, NSPLIT: tl.constexpr, BE: tl.constexpr,
+    NP: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_SEG: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    """p, q: (b, NSPLIT, e, n) fp32: lam at the split's first token is p * lam_after + q, where
-    lam_after is lam at the first token after the split (the final-state cotangent after the
-    last token)."""
-    grp, ch, mask_e, k, mask_n = _block_indices(E, N, P, NB, BE, NP)
+    """p, q: (b, NSPLIT, NP, e) fp32: the carry out of the split's first token (a_t lam_t) is
+    p * carry_in + q, carry_in being the carry out of the next split's first token (the
+    final-state cotangent for the last split)."""
+    grp, ch, mask_e, state_off, mask_s = _block_indices(E, P, NB, BE, NP)
     sp = tl.program_id(1)
     bi = tl.program_id(2).to(tl.int64)
-    mask_en = mask_e[:, None] & mask_n[None, :]
-    A = tl.load(a_ptr + ch[:, None] * N + k[None, :], mask=mask_en, other=0.0)
-    bias = tl.load(bias_ptr + ch, mask=mask_e, other=0.0)
-    tt = tl.arange(0, T)
-    first = (tt == 0)[None, None, :]
-    lam = tl.zeros((BE, NP), tl.float32)
-    prod = tl.full((BE, NP), 1.0, tl.float32)
+    d_p = delta_ptr + bi * L * E
+    z_p = z_ptr + bi * L * E
+    g_p = gout_ptr + bi * L * E
+    A2 = _masked(a_ptr + state_off, mask_s)
+    bias = _masked(bias_ptr + ch, mask_e)
+    carry = tl.zeros((NP, BE), tl.float32)
+    prod = tl.full((NP, BE), 1.0, tl.float32)
     c_lo = sp * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
-        t = c * T + tt
-        mask_t = t < L
-        row = bi * L + t
-        m2 = mask_e[:, None] & mask_t[None, :]
-        x_off = row[None, :] * E + ch[:, None]
-        mask_tn = (t + 1) < L
-        m2n = mask_e[:, None] & mask_tn[None, :]
-        dtn, xn, an = _chunk_decay(delta_ptr, keep_ptr, bias, A, row + 1, ch, m2n, mask_tn, E,
-                                   HAS_SEG, SOFTPLUS)  # fmt: skip
-        g, gy, zz, sz = _gate_grad(gout_ptr, z_ptr, x_off, m2, HAS_Z)
-        mbc = mask_n[:, None] & mask_t[None, :]
-        Ct = tl.load(c_ptr + (row[None, :] * G + grp) * N + k[:, None], mask=mbc, other=0.0)
-        r = gy[:, None, :] * Ct.to(tl.float32)[None, :, :]
-        cp, v = tl.associative_scan((an, r), 2, _affine_combine, reverse=True)
-        lam = tl.sum(tl.where(first, cp * lam[:, :, None] + v, 0.0), axis=2)
-        prod = prod * tl.sum(tl.where(first, cp, 0.0), axis=2)
-    off = (bi * NSPLIT + sp) * E * N + ch[:, None] * N + k[None, :]
-    tl.store(p_ptr + off, prod, mask=mask_en)
-    tl.store(q_ptr + off, lam, mask=mask_en)
+        ds = _load_tokens(d_p, c, ch, mask_e, L, E, K)
+        gs = _load_tokens(g_p, c, ch, mask_e, L, E, K)
+        zs = ()
+        if HAS_Z:
+            zs = _load_tokens(z_p, c, ch, mask_e, L, E, K)
+        rs = _load_resets(rst_ptr, bi, c, L, K, HAS_SEG)
+        for j in tl.static_range(K - 1, -1, -1):
+            t = c * K + j
+            _, x, dt = _token(ds, ds, bias, j, t, mask_e, L, SOFTPLUS)
+            m = mask_e & (t < L)
+            gy, zz, sz = _gate(tl.where(m, gs[j].to(tl.float32), 0.0), zs, j, m, HAS_Z)
+            crow = _bc_row(c_ptr, _bc_words(bi * L + t, grp, G, NP, BC), t, L, BC, NP)
+            lam = carry + gy[None, :] * crow[:, None]
+            a = _decay(dt, A2, rs, j, HAS_SEG)
+            carry = a * lam
+            prod = prod * a
+    off = (bi * NSPLIT + sp) * NP * E + state_off
+    tl.store(p_ptr + off, prod, mask=mask_s)
+    tl.store(q_ptr + off, carry, mask=mask_s)
 
 
 @triton.jit
 def _bwd_kernel(
-    u_ptr, delta_ptr, z_ptr, gout_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, keep_ptr,
-    ckpt_ptr, lam_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr, lam0_ptr,
-    L, E, N, G, P, NB, NC, CPS, NSPLIT, BATCH,
-    BE: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_SEG: tl.constexpr, SOFTPLUS: tl.constexpr,
+    u_ptr, delta_ptr, z_ptr, gout_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, rst_ptr,
+    ckpt_ptr, carry_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr, carry0_ptr,
+    L: tl.constexpr, E: tl.constexpr, G: tl.constexpr, P: tl.constexpr, NB: tl.constexpr,
+    NC: tl.constexpr, CPS: tl.constexpr, NSPLIT: tl.constexpr, BATCH: tl.constexpr,
+    BE: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_SEG: tl.constexpr, SOFTPLUS: tl.constexpr, NCK: tl.constexpr,
 ):  # fmt: skip
-    """ckpt: (b, NC, e, n) state before each chunk; lam: (b, NSPLIT, e, n), lam at the first
-    token after each split. Writes du, ddelta, dz (b, L, e); db, dc: (blocks, b, L, n) partial
-    sums over the block's channels; da: (b, NSPLIT, e, n), dd, dbias: (b, NSPLIT, e) partial
-    sums over the split's tokens; lam0: (b, NSPLIT, e, n), lam at the split's first token."""
-    grp, ch, mask_e, k, mask_n = _block_indices(E, N, P, NB, BE, NP)
+    """ckpt: (b, NCK, NP, e) state before each chunk (NCK >= NC); carry: (b, NSPLIT, NP, e), the carry into
+    each split's last token (a lam of the next token, or the final-state cotangent). Writes du,
+    ddelta, dz (b, L, e); db, dc: (blocks, b, L, NP) partial sums over the block's channels;
+    da: (b, NSPLIT, NP, e), dd, dbias: (b, NSPLIT, e) partial sums over the split's tokens;
+    carry0: (b, NSPLIT, NP, e), the carry out of the split's first token (split 0: d h0)."""
+    grp, ch, mask_e, state_off, mask_s = _block_indices(E, P, NB, BE, NP)
     pid_e = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     bi = tl.program_id(2).to(tl.int64)
-    mask_en = mask_e[:, None] & mask_n[None, :]
-    state_off = ch[:, None] * N + k[None, :]
-    A = tl.load(a_ptr + state_off, mask=mask_en, other=0.0)
-    Dv = tl.load(d_ptr + ch, mask=mask_e, other=0.0)
-    bias = tl.load(bias_ptr + ch, mask=mask_e, other=0.0)
-    tt = tl.arange(0, T)
-    first = (tt == 0)[None, None, :]
-    split_off = (bi * NSPLIT + sp) * E * N + state_off
-    lam = tl.load(lam_ptr + split_off, mask=mask_en, other=0.0)
-    da_acc = tl.zeros((BE, NP), tl.float32)
+    tok = bi * L * E
+    u_p = u_ptr + tok
+    d_p = delta_ptr + tok
+    z_p = z_ptr + tok
+    g_p = gout_ptr + tok
+    k = tl.arange(0, NP)
+    part_p = db_ptr + (pid_e * BATCH + bi) * L * NP + k
+    partc_p = dc_ptr + (pid_e * BATCH + bi) * L * NP + k
+    A2 = _masked(a_ptr + state_off, mask_s)
+    Dv = _masked(d_ptr + ch, mask_e)
+    bias = _masked(bias_ptr + ch, mask_e)
+    split_off = (bi * NSPLIT + sp) * NP * E + state_off
+    carry = _masked(carry_ptr + split_off, mask_s)
+    da_acc = tl.zeros((NP, BE), tl.float32)
     dd_acc = tl.zeros((BE,), tl.float32)
     dbias_acc = tl.zeros((BE,), tl.float32)
     c_lo = sp * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
-        t = c * T + tt
-        mask_t = t < L
-        row = bi * L + t
-        m2 = mask_e[:, None] & mask_t[None, :]
-        x_off = row[None, :] * E + ch[:, None]
-        # Recompute the chunk's states from the checkpoint.
-        u = tl.load(u_ptr + x_off, mask=m2, other=0.0).to(tl.float32)
-        dt, x, a = _chunk_decay(delta_ptr, keep_ptr, bias, A, row, ch, m2, mask_t, E, HAS_SEG,
-                                SOFTPLUS)  # fmt: skip
-        mbc = mask_n[:, None] & mask_t[None, :]
-        bc_off = (row[None, :] * G + grp) * N + k[:, None]
-        Bt = tl.load(b_ptr + bc_off, mask=mbc, other=0.0).to(tl.float32)
-        Ct = tl.load(c_ptr + bc_off, mask=mbc, other=0.0).to(tl.float32)
-        dtu = dt * u
-        bx = dtu[:, None, :] * Bt[None, :, :]
-        h0 = tl.load(ckpt_ptr + (bi * NC + c) * E * N + state_off, mask=mask_en, other=0.0)
-        acum, bcum = tl.associative_scan((a, bx), 2, _affine_combine)
-        hs = acum * h0[:, :, None] + bcum
-        # The adjoint: lam_t = C_t gy_t + a_{t+1} lam_{t+1}, lam after the chunk carried in.
-        mask_tn = (t + 1) < L
-        m2n = mask_e[:, None] & mask_tn[None, :]
-        dtn, xn, an = _chunk_decay(delta_ptr, keep_ptr, bias, A, row + 1, ch, m2n, mask_tn, E,
-                                   HAS_SEG, SOFTPLUS)  # fmt: skip
-        g, gy, zz, sz = _gate_grad(gout_ptr, z_ptr, x_off, m2, HAS_Z)
-        r = gy[:, None, :] * Ct[None, :, :]
-        cp, v = tl.associative_scan((an, r), 2, _affine_combine, reverse=True)
-        lam_t = cp * lam[:, :, None] + v
-        lam = tl.sum(tl.where(first, lam_t, 0.0), axis=2)
-        # Gradients. a_t h_{t-1} = h_t - b_t, so no shifted copy of the states is needed.
-        part_off = ((pid_e * BATCH + bi) * L + t[None, :]) * N + k[:, None]
-        tl.store(dc_ptr + part_off, tl.sum(gy[:, None, :] * hs, axis=0), mask=mbc)
-        tl.store(db_ptr + part_off, tl.sum(dtu[:, None, :] * lam_t, axis=0), mask=mbc)
-        s = tl.sum(lam_t * Bt[None, :, :], axis=1)
-        g_da = lam_t * (hs - bx)
-        g_dt = u * s + tl.sum(g_da * A[:, :, None], axis=1)
-        da_acc += tl.sum(g_da * dt[:, None, :], axis=2)
-        du = dt * s + gy * Dv[:, None]
-        if SOFTPLUS:
-            g_dt = tl.where(x > 20.0, g_dt, g_dt / (1.0 + tl.exp(-x)))
-        g_dt = tl.where(m2, g_dt, 0.0)
-        dbias_acc += tl.sum(g_dt, axis=1)
-        dd_acc += tl.sum(gy * u, axis=1)
-        tl.store(du_ptr + x_off, du.to(du_ptr.dtype.element_ty), mask=m2)
-        tl.store(ddelta_ptr + x_off, g_dt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+        us = _load_tokens(u_p, c, ch, mask_e, L, E, K)
+        ds = _load_tokens(d_p, c, ch, mask_e, L, E, K)
+        gs = _load_tokens(g_p, c, ch, mask_e, L, E, K)
+        zs = ()
         if HAS_Z:
-            y_pre = tl.sum(hs * Ct[None, :, :], axis=1) + Dv[:, None] * u
-            dz = g * y_pre * sz * (1.0 + zz * (1.0 - sz))
-            tl.store(dz_ptr + x_off, dz.to(dz_ptr.dtype.element_ty), mask=m2)
-    tl.store(da_ptr + split_off, da_acc, mask=mask_en)
-    tl.store(lam0_ptr + split_off, lam, mask=mask_en)
+            zs = _load_tokens(z_p, c, ch, mask_e, L, E, K)
+        rs = _load_resets(rst_ptr, bi, c, L, K, HAS_SEG)
+        # Recompute the chunk's states from its checkpoint (K register tiles).
+        h = _masked(ckpt_ptr + (bi * NCK + c) * NP * E + state_off, mask_s)
+        hs = ()
+        for j in tl.static_range(K):
+            t = c * K + j
+            u, x, dt = _token(us, ds, bias, j, t, mask_e, L, SOFTPLUS)
+            brow = _bc_row(b_ptr, _bc_words(bi * L + t, grp, G, NP, BC), t, L, BC, NP)
+            a = _decay(dt, A2, rs, j, HAS_SEG)
+            h = a * h + (dt * u)[None, :] * brow[:, None]
+            hs = hs + (h,)
+        # The adjoint, backwards over the chunk.
+        for j in tl.static_range(K - 1, -1, -1):
+            t = c * K + j
+            m = mask_e & (t < L)
+            u, x, dt = _token(us, ds, bias, j, t, mask_e, L, SOFTPLUS)
+            g = tl.where(m, gs[j].to(tl.float32), 0.0)
+            gy, zz, sz = _gate(g, zs, j, m, HAS_Z)
+            words = _bc_words(bi * L + t, grp, G, NP, BC)
+            bt = _bc_row(b_ptr, words, t, L, BC, NP)[:, None]
+            ct = _bc_row(c_ptr, words, t, L, BC, NP)[:, None]
+            dtu = dt * u
+            lam = carry + gy[None, :] * ct
+            ht = hs[j]
+            # a_t h_{t-1} = h_t - dt u B_t: the previous state is not needed.
+            g_a = lam * (ht - dtu[None, :] * bt)
+            da_acc += g_a * dt[None, :]
+            s = tl.sum(lam * bt, axis=0)
+            g_dt = u * s + tl.sum(g_a * A2, axis=0) * LN2
+            du = dt * s + gy * Dv
+            if SOFTPLUS:
+                g_dt = tl.where(x > 20.0, g_dt, g_dt / (1.0 + tl.exp(-x)))
+            g_dt = tl.where(m, g_dt, 0.0)
+            dbias_acc += g_dt
+            dd_acc += gy * u
+            tl.store(du_ptr + tok + t * E + ch, du.to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(ddelta_ptr + tok + t * E + ch, g_dt.to(ddelta_ptr.dtype.element_ty), mask=m)
+            if HAS_Z:
+                y_pre = tl.sum(ht * ct, axis=0) + Dv * u
+                dz = g * y_pre * sz * (1.0 + zz * (1.0 - sz))
+                tl.store(dz_ptr + tok + t * E + ch, dz.to(dz_ptr.dtype.element_ty), mask=m)
+            mk = (k * 0 + t) < L
+            tl.store(partc_p + t * NP, tl.sum(gy[None, :] * ht, axis=1), mask=mk)
+            tl.store(part_p + t * NP, tl.sum(dtu[None, :] * lam, axis=1), mask=mk)
+            carry = _decay(dt, A2, rs, j, HAS_SEG) * lam
+    tl.store(da_ptr + split_off, da_acc, mask=mask_s)
+    tl.store(carry0_ptr + split_off, carry, mask=mask_s)
     vec_off = (bi * NSPLIT + sp) * E + ch
     tl.store(dd_ptr + vec_off, dd_acc, mask=mask_e)
     tl.store(dbias_ptr + vec_off, dbias_acc, mask=mask_e)

@@ -184,10 +184,11 @@ def test_import_needs_no_triton():
 
 @pytest.mark.parametrize(
     "b, e, length, splits",
-    [(8, 1536, 2048, 1), (4, 4096, 2048, 1), (2, 2048, 16384, 1), (1, 1536, 131072, 3)],
+    [(8, 1536, 2048, 1), (4, 4096, 2048, 1), (2, 2048, 16384, 5), (1, 1536, 131072, 11)],
 )
 def test_default_plan(b, e, length, splits):
-    """S1-S4 at n 16: the sequence is split only when the programs cannot fill the GPU."""
+    """S1-S4 at n 16: the sequence is split only when the programs cannot fill the GPU (under 256
+    warps), towards TARGET_WARPS."""
     plan = ts.make_plan(b, length, e, 16, 1, ts.TritonBlockSizes(), softplus=True, has_z=True,
                         has_seg=False, interpret=False)  # fmt: skip
     assert plan.n_splits(plan.bwd_split) == splits
@@ -211,6 +212,9 @@ INTERPRET_CASES = [
     ("float16", 1, 9, 4, 1, 0, False, False, None, dict(chunk=4, min_programs=1)),
     ("bfloat16", 2, 1, 4, 3, 1, True, True, None, dict(chunk=2)),
     ("float32", 1, 7, 5, 2, 0, True, True, [[0, 3, 6]], dict(chunk=4)),
+    # Forward chunks of 8 holding four checkpoints each, split forward and backward, segments.
+    ("float32", 2, 37, 6, 3, 2, True, True, [[1, 4, 8, 12], [5]],
+     dict(chunk=2, fwd_chunk=8, min_programs=64, min_split_chunks=1)),
 ]  # fmt: skip
 
 _INTERPRET_SCRIPT = """
