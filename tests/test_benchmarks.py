@@ -459,3 +459,14 @@ def test_length_eval_record_matches_the_training_page():
         assert [c.strip() for c in cells[label]] == want
     tokens = [f"{r['tokens']:,}" for r in record.rows if r["run"] == "plain"]
     assert [c.strip() for c in cells["tokens counted"]] == tokens
+
+
+def test_train_loop_script_times_every_row_on_cpu():
+    from benchmarks import train_loop
+
+    rows = train_loop.main(["--tiny"])
+    assert [r["row"] for r in rows] == [
+        "step, one batch, sync", "step, one batch, async", "data next()",
+        "step + data, async", "step + data, sync",
+    ]  # fmt: skip
+    assert all(r["median_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
