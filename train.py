@@ -46,7 +46,7 @@ from mamba_jax.config import MambaConfig
 from mamba_jax.model import count_params
 from mamba_jax.sampling import generate
 from mamba_jax.training import trainer
-from mamba_jax.training.checkpoint import Checkpointer, PreemptionFlag
+from mamba_jax.training.checkpoint import Checkpointer, PreemptionFlag, read_run_config
 from mamba_jax.training.data import build_data, check_batch
 from mamba_jax.training.distributed import distributed_wanted, init_distributed
 from mamba_jax.training.metrics import MetricsWriter, mfu
@@ -274,6 +274,13 @@ def main(argv=None) -> dict:
         )
     carry_rows = tc.batch_size if tc.state_passing else None  # carried states, one per row
     if latest is not None:
+        saved = read_run_config(config.checkpoint.dir, latest)[0].train
+        if saved.state_passing != tc.state_passing:
+            raise ValueError(
+                f"checkpoint.dir={config.checkpoint.dir!r} was trained with "
+                f"train.state_passing={str(saved.state_passing).lower()}: resume it with the "
+                "same setting, or start a new checkpoint.dir"
+            )
         graphdef, abstract, shardings = trainer.train_state_shardings(
             config.model, tx, mesh, carry_rows
         )

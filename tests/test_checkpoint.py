@@ -73,6 +73,11 @@ def test_resume_with_state_passing_is_exact(tmp_path):
     saved = ocp.StandardCheckpointer().restore(str(resumed / str(k) / "train"))
     ssm = np.asarray(saved["carry"]["ssm"])
     assert ssm.shape[:2] == (2, 8) and np.abs(ssm).max() > 0  # (n_layer, rows, e, n)
+    # Resuming with state passing switched off is refused in one line, the checkpoints kept.
+    off = {**sp, "train.state_passing": False, "train.steps": 9}
+    _, proc = run_train(args(tmp_path, resumed, **off), expect_ok=False)
+    assert proc.returncode == 2 and "was trained with train.state_passing=true" in proc.stderr
+    assert complete_steps(resumed) == [k, 2 * k]
 
 
 def _start(cmd):
