@@ -152,3 +152,40 @@ def complete_steps(ckpt_dir) -> list[int]:
     if not os.path.isdir(ckpt_dir):
         return []
     return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+
+
+# ----------------------------------------------------------------------------------------------
+# Scan-kernel test inputs, shared by the Pallas (GPU, TPU) and Triton kernel tests.
+
+SCAN_ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_scan_args(seed, b, length, e, n, groups, dtype, *, z=True, D=True, bias=True, h0=True,
+                   softplus=True, bias_shift=0.0):  # fmt: skip
+    """Random selective_scan arguments (SCAN_ARG_NAMES); groups=0 gives shared (b, l, n) B and
+    C. bias_shift moves delta_bias (negative: a padded token's softplus(bias) step is visible)."""
+    ks = jax.random.split(jax.random.key(seed), 9)
+    delta = jax.random.normal(ks[1], (b, length, e)) * 0.7 - 1.0
+    # Without softplus, delta must already be a positive step, or the state grows without bound.
+    delta = delta if softplus else jax.nn.softplus(delta)
+    bc_shape = (b, length, n) if groups == 0 else (b, length, groups, n)
+    return dict(
+        u=jax.random.normal(ks[0], (b, length, e), dtype),
+        delta=delta.astype(dtype),
+        A=-jnp.exp(jax.random.normal(ks[2], (e, n)) * 0.5),
+        B=jax.random.normal(ks[3], bc_shape, dtype),
+        C=jax.random.normal(ks[4], bc_shape, dtype),
+        D=jax.random.normal(ks[5], (e,)) if D else None,
+        z=jax.random.normal(ks[6], (b, length, e), dtype) if z else None,
+        delta_bias=jax.random.normal(ks[7], (e,)) * 0.3 + bias_shift if bias else None,
+        initial_state=jax.random.normal(ks[8], (b, e, n)) if h0 else None,
+    )
+
+
+def segment_ids_from_starts(length, *rows):
+    """(b, l) int32 ids, one row per list of positions where a new segment starts."""
+    ids = np.zeros((len(rows), length), np.int32)
+    for r, starts in enumerate(rows):
+        for s in starts:
+            ids[r, s:] += 1
+    return jnp.asarray(ids)

@@ -26,30 +26,14 @@ from pallas_kernels.tpu_scan import (
     selective_scan_tpu,
     tpu_unsupported_reason,
 )
+from tests.conftest import SCAN_ARG_NAMES as ARG_NAMES
+from tests.conftest import make_scan_args
 
-ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
-
-def make_args(
-    seed, b, length, e, n, groups, dtype, *, z=True, D=True, bias=True, h0=True, softplus=True
-):
-    ks = jax.random.split(jax.random.key(seed), 9)
-    delta = jax.random.normal(ks[1], (b, length, e)) * 0.7 - 1.0
-    # Without softplus, delta must already be a positive step, or the state grows without bound.
-    delta = delta if softplus else jax.nn.softplus(delta)
-    bc_shape = (b, length, n) if groups == 0 else (b, length, groups, n)
-    return dict(
-        u=jax.random.normal(ks[0], (b, length, e), dtype),
-        delta=delta.astype(dtype),
-        A=-jnp.exp(jax.random.normal(ks[2], (e, n)) * 0.5),
-        B=jax.random.normal(ks[3], bc_shape, dtype),
-        C=jax.random.normal(ks[4], bc_shape, dtype),
-        D=jax.random.normal(ks[5], (e,)) if D else None,
-        z=jax.random.normal(ks[6], (b, length, e), dtype) if z else None,
-        # Negative enough that softplus(0 + bias) of a padded token would visibly move the state.
-        delta_bias=jax.random.normal(ks[7], (e,)) * 0.3 - 0.5 if bias else None,
-        initial_state=jax.random.normal(ks[8], (b, e, n)) if h0 else None,
-    )
+def make_args(*args, **kwargs):
+    """Scan arguments with delta_bias shifted down: softplus(0 + bias) of a padded token
+    would visibly move the state."""
+    return make_scan_args(*args, bias_shift=-0.5, **kwargs)
 
 
 def make_segment_ids(seed, b, length):

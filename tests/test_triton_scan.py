@@ -20,39 +20,11 @@ import pytest
 
 from mamba_jax.scan import selective_scan
 from pallas_kernels import triton_scan as ts
+from tests.conftest import SCAN_ARG_NAMES as ARG_NAMES
+from tests.conftest import make_scan_args as make_args
+from tests.conftest import segment_ids_from_starts  # noqa: F401 - the interpreter script uses it
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
-
-
-def make_args(seed, b, length, e, n, groups, dtype, *, z=True, D=True, bias=True, h0=True,
-              softplus=True):  # fmt: skip
-    """Random scan arguments; groups=0 gives shared (b, l, n) B and C."""
-    ks = jax.random.split(jax.random.key(seed), 9)
-    delta = jax.random.normal(ks[1], (b, length, e)) * 0.7 - 1.0
-    # Without softplus, delta must already be a positive step.
-    delta = delta if softplus else jax.nn.softplus(delta)
-    bc_shape = (b, length, n) if groups == 0 else (b, length, groups, n)
-    return dict(
-        u=jax.random.normal(ks[0], (b, length, e), dtype),
-        delta=delta.astype(dtype),
-        A=-jnp.exp(jax.random.normal(ks[2], (e, n)) * 0.5),
-        B=jax.random.normal(ks[3], bc_shape, dtype),
-        C=jax.random.normal(ks[4], bc_shape, dtype),
-        D=jax.random.normal(ks[5], (e,)) if D else None,
-        z=jax.random.normal(ks[6], (b, length, e), dtype) if z else None,
-        delta_bias=jax.random.normal(ks[7], (e,)) * 0.3 if bias else None,
-        initial_state=jax.random.normal(ks[8], (b, e, n)) if h0 else None,
-    )
-
-
-def segment_ids_from_starts(length, *rows):
-    """(b, l) int32 ids, one row per list of positions where a new segment starts."""
-    ids = np.zeros((len(rows), length), np.int32)
-    for r, starts in enumerate(rows):
-        for s in starts:
-            ids[r, s:] += 1
-    return jnp.asarray(ids)
 
 
 def outputs_and_grads(fn, args, seed=0):
