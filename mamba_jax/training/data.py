@@ -235,14 +235,23 @@ def train_dataset(
     """Endless shuffled batches for this process: inputs, targets (global_batch / P, l) int32,
     and segment_ids when `eos_id` is given (see TokenWindows)."""
     _check_length(tokens, seq_len, "training")
+    _check_processes(global_batch, process_count)
+    ds = grain.MapDataset.source(TokenWindows(tokens, seq_len, eos_id))
+    return _process_batches(ds.shuffle(seed=seed), global_batch, process_index, process_count)
+
+
+def _check_processes(global_batch: int, process_count: int):
     if global_batch % process_count:
         raise ValueError(
             f"train.batch_size={global_batch} must be a multiple of the process count "
             f"{process_count}"
         )
-    ds = grain.MapDataset.source(TokenWindows(tokens, seq_len, eos_id))
-    ds = ds.shuffle(seed=seed).repeat(None)
-    ds = ds[process_index::process_count]
+
+
+def _process_batches(ds, global_batch, process_index, process_count) -> grain.IterDataset:
+    """An endless repeat of `ds`: process p takes elements p, p + P, ... in batches of
+    global_batch / P, so the global batch is the same whatever the process count."""
+    ds = ds.repeat(None)[process_index::process_count]
     ds = ds.batch(global_batch // process_count, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
@@ -257,15 +266,9 @@ def stream_dataset(
 ) -> grain.IterDataset:
     """Endless batches for state passing (see StreamWindows), in corpus order, no shuffling:
     batch k holds window k of every lane; after the last window every lane starts over."""
-    if global_batch % process_count:
-        raise ValueError(
-            f"train.batch_size={global_batch} must be a multiple of the process count "
-            f"{process_count}"
-        )
+    _check_processes(global_batch, process_count)
     ds = grain.MapDataset.source(StreamWindows(tokens, seq_len, global_batch, eos_id))
-    ds = ds.repeat(None)[process_index::process_count]
-    ds = ds.batch(global_batch // process_count, drop_remainder=True)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    return _process_batches(ds, global_batch, process_index, process_count)
 
 
 def eval_batches(
