@@ -11,7 +11,7 @@ fp32 params; remat as `--remat` says, default both), trained with one micro-batc
 of our rows runs in a subprocess of its own, so its peak memory is its own. `--reference` adds a
 row trained with the plain loss (whole float32 logits and optax's cross-entropy) from the same
 initial state on the same batches: its losses must match ours step by step (`max_loss_diff`).
-`--profile` traces a few steps of the first row and prints its top device ops
+`--profile` traces a few steps of each model's first row and prints its top device ops
 (benchmarks/profile_summary.py).
 
 Rivals (`--rivals PATH` or $MAMBA_JAX_RIVALS, the folder with their packages and unpack.sh):
@@ -52,21 +52,22 @@ ROW_PREFIX = "ROW "
 # One of our rows, in its own process.
 
 
-def _model_config(name, args, remat):
+def _model_config(name, args, remat, keep_scan=False):
     from mamba_jax.config import MambaConfig
     from mamba_jax.training.run_config import load_config
 
     if name == "tiny":  # a CPU-sized model for checking the script itself
         return MambaConfig(d_model=64, n_layer=2, vocab_size=257, dtype="bfloat16",
-                           scan_impl=args.scan_impl, remat=remat)  # fmt: skip
+                           scan_impl=args.scan_impl, remat=remat,
+                           remat_keep_scan=keep_scan)  # fmt: skip
     config = load_config(str(REPO / PRESETS[name])).model
-    return config.replace(scan_impl=args.scan_impl, remat=remat, dtype="bfloat16",
-                          param_dtype="float32")  # fmt: skip
+    return config.replace(scan_impl=args.scan_impl, remat=remat, remat_keep_scan=keep_scan,
+                          dtype="bfloat16", param_dtype="float32")  # fmt: skip
 
 
 def measure(spec: dict) -> dict:
-    """spec: {model, batch, length, steps, warmup, remat, loss ("chunked" | "plain"), scan_impl,
-    profile}. Returns the row."""
+    """spec: {model, batch, length, steps, warmup, remat, keep_scan (MambaConfig.remat_keep_scan),
+    loss ("chunked" | "plain"), scan_impl, profile}. Returns the row."""
     import jax
     import numpy as np
 
@@ -78,7 +79,8 @@ def measure(spec: dict) -> dict:
     from mamba_jax.training.run_config import TrainConfig
 
     args = argparse.Namespace(**spec)
-    model_config = _model_config(args.model, args, args.remat)
+    keep_scan = bool(getattr(args, "keep_scan", False)) and args.remat
+    model_config = _model_config(args.model, args, args.remat, keep_scan)
     mesh = shd.make_mesh(MeshConfig(-1, 1, 1))
     batch, length = args.batch, args.length
     tiny = args.model == "tiny"
@@ -118,10 +120,10 @@ def measure(spec: dict) -> dict:
     tokens_per_s = batch * length / median
     row = {
         "model": args.model, "gpus": 1, "batch": batch, "length": length, "impl": "ours",
-        "variant": ("remat" if args.remat else "no remat") + ("" if args.loss == "chunked"
-                                                               else ", plain loss"),
+        "variant": ("remat" if args.remat else "no remat") + (", keep scan" if keep_scan else "")
+                   + ("" if args.loss == "chunked" else ", plain loss"),
         "params": n_params, "scan_impl": _resolved_impl(model_config, batch, length),
-        "remat": args.remat, "loss": args.loss,
+        "remat": args.remat, "remat_keep_scan": keep_scan, "loss": args.loss,
         "step_ms": median * 1e3, "step_ms_min": min(times) * 1e3,
         "tokens_per_s": tokens_per_s, "mfu": mfu(n_params, tokens_per_s, 1),
         "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30,
@@ -280,6 +282,13 @@ def main(argv=None):
     # 130m too: on one H200 (2026-12-01) remat was faster there (148.0 vs 154.7 ms) in 10 GiB
     parser.add_argument("--remat", default="130m,1.4b", help="models trained with config.remat")
     parser.add_argument("--also-remat", default="", help="models also measured with remat flipped")
+    parser.add_argument(
+        "--keep-scan",
+        default="130m",
+        help="models whose remat also keeps the scan (config.remat_keep_scan)",
+    )
+    parser.add_argument("--also-keep-scan", default="",
+                        help="models also measured with --keep-scan flipped")  # fmt: skip
     parser.add_argument("--reference", default="", help="models also trained with the plain loss")
     parser.add_argument("--profile", action="store_true", help="trace the first row's steps")
     parser.add_argument("--rivals", default=None, help="the rivals' folder ($MAMBA_JAX_RIVALS)")
@@ -309,13 +318,17 @@ def main(argv=None):
     record = Record("train_throughput", out, config={k: v for k, v in vars(args).items()
                                                      if k != "row"})  # fmt: skip
     specs = []
-    for i, (model, batch) in enumerate(zip(models, batches, strict=True)):
+    for model, batch in zip(models, batches, strict=True):
         remat = model in args.remat.split(",")
+        keep = model in args.keep_scan.split(",")
         base = dict(model=model, batch=batch, length=args.seq_len, steps=args.steps,
-                    warmup=args.warmup, scan_impl=args.scan_impl)  # fmt: skip
-        specs.append(base | dict(remat=remat, loss="chunked", profile=args.profile and i == 0))
+                    warmup=args.warmup, scan_impl=args.scan_impl, keep_scan=keep)  # fmt: skip
+        specs.append(base | dict(remat=remat, loss="chunked", profile=args.profile))
         if model in args.also_remat.split(","):
             specs.append(base | dict(remat=not remat, loss="chunked", profile=False))
+        if model in args.also_keep_scan.split(","):
+            specs.append(base | dict(remat=remat, keep_scan=not keep, loss="chunked",
+                                     profile=False))  # fmt: skip
         if model in args.reference.split(","):
             specs.append(base | dict(remat=remat, loss="plain", profile=False))
     # Ours first (one row per model), then the rivals, then the extra variants of ours.

@@ -174,7 +174,7 @@ class MambaMixer(nnx.Module):
             delta_softplus=True, initial_state=ssm_state, return_final_state=True,
             segment_ids=segment_ids, impl=c.scan_impl,
         )  # fmt: skip
-        out = self.out_proj(y)  # (b, l, d)
+        out = self.out_proj(checkpoint_name(y, "mixer_y"))  # (b, l, d)
         if cache is None:
             return out
         return out, (conv_state, ssm_state)

@@ -15,6 +15,7 @@ from mamba_jax.config import MambaConfig
 from mamba_jax.layers import RMSNorm, causal_conv1d_step, partitioned, rms_norm
 from mamba_jax.mixer import MambaMixer
 from mamba_jax.scan import segment_ids_from_positions, selective_scan_step
+from pallas_kernels._validation import SCAN_CHECKPOINTS
 
 
 class MambaCache(NamedTuple):
@@ -170,6 +171,10 @@ class Decoder:
 # conv + SiLU, Δ, the scan) is recomputed from those and the block input.
 REMAT_SAVED = ("mixer_x", "mixer_z", "x_dbl")
 REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED)
+# MambaConfig.remat_keep_scan: also the scan's output and the kernel's state checkpoints (tagged
+# by every kernel's forward), so the backward skips the forward kernel.
+REMAT_SAVED_KEEP_SCAN = (*REMAT_SAVED, "mixer_y", SCAN_CHECKPOINTS)
+REMAT_POLICY_KEEP_SCAN = jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED_KEEP_SCAN)
 
 
 def _apply_block(block, x, segment_ids=None, padding_mask=None, cache=None):
@@ -302,12 +307,15 @@ class MambaLM(nnx.Module):
         """The layer stack: x (b, l, d) float32 embeddings -> residual stream (and, with a
         MambaCache, the updated cache).
 
-        With config.remat each block is rematerialised under `REMAT_POLICY`: the backward keeps
+        With config.remat each block is rematerialised under `REMAT_POLICY` (with
+        config.remat_keep_scan, `REMAT_POLICY_KEEP_SCAN`, which also keeps the scan's output and
+        its kernel's state checkpoints): the backward keeps
         the block input and the outputs of in_proj and x_proj, and recomputes the norm, the conv,
         Δ and the scan's forward kernel (all cheap next to the matmuls they feed)."""
         apply = _apply_block
         if self.config.remat:
-            apply = nnx.remat(_apply_block, policy=REMAT_POLICY, prevent_cse=False)
+            policy = REMAT_POLICY_KEEP_SCAN if self.config.remat_keep_scan else REMAT_POLICY
+            apply = nnx.remat(_apply_block, policy=policy, prevent_cse=False)
 
         if cache is None:
 

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from pallas_kernels import _common as cm
 from pallas_kernels._common import BlockSizes
 from pallas_kernels._validation import (
+    SCAN_CHECKPOINTS,
+    name_checkpoints,
     size_reason,
     validate_scan_args,
     validate_segment_ids,
@@ -28,6 +30,7 @@ from pallas_kernels.tpu_scan import TpuBlockSizes, selective_scan_tpu, tpu_unsup
 
 __all__ = [
     "BlockSizes",
+    "SCAN_CHECKPOINTS",
     "TpuBlockSizes",
     "selective_scan_pallas",
     "selective_scan_tpu",
@@ -214,7 +217,15 @@ def _scan(static, u, delta, z, B, C, A, D, bias, h0, reset):
 
 
 def _scan_fwd(static, u, delta, z, B, C, A, D, bias, h0, reset):
-    return _forward(static, u, delta, z, B, C, A, D, bias, h0, reset, save=True)
+    out, (padded, ckpts, y_pre, reset) = _forward(
+        static, u, delta, z, B, C, A, D, bias, h0, reset, save=True
+    )
+    # Inside a scan over layers the saved checkpoints (and, without remat, y) are stacked by
+    # dynamic-update-slice. XLA's GPU dynamic-slice fusion then clones the kernel call to write
+    # straight into the stack and keeps the original for y's other users: the forward kernel ran
+    # twice per layer (measured, pallas_kernels/NOTES.md). The barrier stops that rewrite.
+    out, ckpts, y_pre = jax.lax.optimization_barrier((out, ckpts, y_pre))
+    return out, (padded, name_checkpoints(ckpts), name_checkpoints(y_pre), reset)
 
 
 def _backward_split(plan, softplus, interpret, padded, ckpts, y_pre, reset, gy, gh):

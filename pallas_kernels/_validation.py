@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+# Every kernel's forward tags the state checkpoints it saves for its backward with this name, so a
+# rematerialisation policy (jax.checkpoint_policies.save_only_these_names) can keep them and
+# skip a second forward kernel in the backward (mamba_jax.model, MambaConfig.remat_keep_scan).
+SCAN_CHECKPOINTS = "scan_checkpoints"
+
+
+def name_checkpoints(tree):
+    """`tree` with every array tagged SCAN_CHECKPOINTS (None leaves stay None)."""
+    return jax.tree.map(lambda x: checkpoint_name(x, SCAN_CHECKPOINTS), tree)
 
 
 def check_array(name, x, shape, meaning, dtypes=DTYPES):

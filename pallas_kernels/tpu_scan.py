@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import tpu_scan_kernels as kernels
 from pallas_kernels._validation import (
+    name_checkpoints,
     size_reason,
     validate_scan_args,
     validate_segment_ids,
@@ -325,7 +326,8 @@ def _scan(static, u, delta, z, B, C, A, D, bias, h0, keep):
 
 
 def _scan_fwd(static, u, delta, z, B, C, A, D, bias, h0, keep):
-    return _forward(static, u, delta, z, B, C, A, D, bias, h0, keep, save=True)
+    out, (ops, hstarts) = _forward(static, u, delta, z, B, C, A, D, bias, h0, keep, save=True)
+    return out, (ops, name_checkpoints(hstarts))
 
 
 def _scan_bwd(static, res, cotangents):

@@ -37,7 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._validation import size_reason, validate_scan_args, validate_segment_ids
+from pallas_kernels._validation import (
+    name_checkpoints,
+    size_reason,
+    validate_scan_args,
+    validate_segment_ids,
+)
 
 __all__ = ["TritonBlockSizes", "selective_scan_triton", "triton_unsupported_reason"]
 
@@ -526,7 +531,7 @@ def _scan(plan, u, delta, z, B, C, A, D, bias, h0, rst):
 
 def _scan_fwd(plan, u, delta, z, B, C, A, D, bias, h0, rst):
     y, h, ckpt = _forward(plan, u, delta, z, B, C, A, D, bias, h0, rst, save=True)
-    return (y, h), (u, delta, z, B, C, A, D, bias, rst, ckpt)
+    return (y, h), (u, delta, z, B, C, A, D, bias, rst, name_checkpoints(ckpt))
 
 
 def _scan_bwd(plan, res, cotangents):

@@ -4,7 +4,9 @@ On CPU the Mosaic GPU kernels run in interpret mode (tiny shapes, every feature 
 marked gpu run the compiled kernels on a Hopper GPU at larger, awkward shapes.
 """
 
+import collections
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -360,3 +362,30 @@ def test_gpu_auto_picks_pallas():
     from mamba_jax import scan
 
     assert scan.resolve_impl("auto", 1, 64, 256, 16, 1, jnp.bfloat16) == "pallas"
+
+
+def test_remat_policy_keeps_the_named_checkpoints_and_runs_one_forward_kernel(monkeypatch):
+    """The forward tags its state checkpoints SCAN_CHECKPOINTS: under a remat policy that keeps
+    them (and y) the lowered backward has no second forward kernel; under one that keeps nothing
+    the forward kernel runs again. Lowered for CUDA on this CPU machine. (The TPU kernel tags its
+    checkpoints too, but its lowered step still holds the recomputed forward call: not fixed.)"""
+    from jax.ad_checkpoint import checkpoint_name
+
+    monkeypatch.setattr(pk, "unsupported_reason", lambda **kw: None)  # lowering needs no device
+    xs = list(make_args(3, 2, 24, 40, 16, 0, jnp.float32).values())
+
+    def loss(*xs):
+        y, h = pk.selective_scan_pallas(*xs[:8], delta_softplus=True, initial_state=xs[8])
+        return jnp.sum(checkpoint_name(y, "y") ** 2) + jnp.sum(h)
+
+    def forward_kernels(policy):
+        grad = jax.value_and_grad(jax.checkpoint(loss, policy=policy), argnums=tuple(range(9)))
+        text = jax.jit(grad).trace(*xs).lower(lowering_platforms=("cuda",)).as_text()
+        kernels = re.findall(r"selective_scan_\w*fwd\w*_mosaic_gpu", text)
+        assert "selective_scan_bwd" in text, "no backward kernel found"
+        return collections.Counter(kernels)  # a split forward is two kernels
+
+    keep = jax.checkpoint_policies.save_only_these_names("y", pk.SCAN_CHECKPOINTS)
+    once = forward_kernels(keep)
+    assert once and set(once.values()) == {1}, once
+    assert forward_kernels(jax.checkpoint_policies.nothing_saveable) == once + once

@@ -101,8 +101,9 @@ def test_step_loss_and_gradients_equal_the_plain_step():
              "targets": jax.random.randint(k[1], (2, 13), 0, 29),
              "mask": (jax.random.uniform(k[2], (2, 13)) > 0.2).astype(jnp.float32)}  # fmt: skip
     want, want_grads = _grads(TINY, trainer.reference_loss_terms, params, batch)
-    for remat in (False, True):
-        got, grads = _grads(TINY.replace(remat=remat), trainer.loss_terms, params, batch)
+    for remat, keep_scan in ((False, False), (True, False), (True, True)):
+        config = TINY.replace(remat=remat, remat_keep_scan=keep_scan)
+        got, grads = _grads(config, trainer.loss_terms, params, batch)
         np.testing.assert_allclose(got, want, rtol=1e-5)
         for path, g in jax.tree_util.tree_leaves_with_path(grads):
             ref = want_grads
@@ -110,7 +111,7 @@ def test_step_loss_and_gradients_equal_the_plain_step():
                 ref = ref[key.key]
             scale = max(1.0, float(jnp.max(jnp.abs(ref))))
             np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * scale,
-                                       err_msg=f"{remat=} {path}")  # fmt: skip
+                                       err_msg=f"{remat=} {keep_scan=} {path}")  # fmt: skip
 
 
 def test_remat_keeps_only_the_named_residuals():
@@ -122,14 +123,18 @@ def test_remat_keeps_only_the_named_residuals():
     params = trainer.pure(nnx.state(MambaLM(cfg, rngs=nnx.Rngs(0))))
     batch = {"inputs": jnp.zeros((2, 24), jnp.int32), "targets": jnp.zeros((2, 24), jnp.int32)}
 
-    def stacked(remat):  # residuals with the (n_layer, b, l, ...) shape of per-layer activations
-        graphdef = nnx.graphdef(MambaLM(cfg.replace(remat=remat), rngs=nnx.Rngs(0)))
+    def stacked(remat, keep_scan=False):  # residuals shaped (n_layer, b, l, ...): per layer
+        config = cfg.replace(remat=remat, remat_keep_scan=keep_scan)
+        graphdef = nnx.graphdef(MambaLM(config, rngs=nnx.Rngs(0)))
         res = saved_residuals(lambda p, b: trainer.loss_terms(graphdef, p, b)[0], params, batch)
         return sorted((a.dtype.name, a.shape[3]) for a, _ in res if a.shape[:3] == (2, 2, 24))
 
     e, r = cfg.d_inner, cfg.dt_rank + 2 * cfg.d_state
     want = [("bfloat16", e), ("bfloat16", e), ("bfloat16", r), ("float32", cfg.d_model)]
     assert stacked(True) == sorted(want)
+    # remat_keep_scan adds the scan's output (and, with a fused kernel, its state checkpoints:
+    # tests/test_pallas_kernels.py checks those on the lowered kernel step).
+    assert stacked(True, keep_scan=True) == sorted([*want, ("bfloat16", e)])
     assert len(stacked(False)) > 4
 
 
