@@ -531,6 +531,9 @@ def _scan(plan, u, delta, z, B, C, A, D, bias, h0, rst):
 
 def _scan_fwd(plan, u, delta, z, B, C, A, D, bias, h0, rst):
     y, h, ckpt = _forward(plan, u, delta, z, B, C, A, D, bias, h0, rst, save=True)
+    # As in the Hopper kernel's forward (pallas_kernels/__init__.py): keeps XLA's dynamic-slice
+    # fusion from cloning the kernel call when a layer scan stacks its outputs.
+    y, h, ckpt = jax.lax.optimization_barrier((y, h, ckpt))
     return (y, h), (u, delta, z, B, C, A, D, bias, rst, name_checkpoints(ckpt))
 
 
