@@ -324,3 +324,36 @@ def test_padded_positions_get_no_loss_and_change_nothing():
     ref_total, ref_count, _ = trainer.reference_loss_terms(graphdef, params, batch)
     np.testing.assert_allclose(ref_total, total, rtol=1e-5)
     assert float(ref_count) == 15
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("remat, keep_scan", [(False, False), (True, True)])
+def test_the_forward_kernel_runs_once_per_layer_in_a_train_step(remat, keep_scan, tmp_path):
+    """Profiled on the GPU: one forward-kernel launch per layer and step, without remat and with
+    remat that keeps the scan (XLA's dynamic-slice fusion once cloned the call; see
+    pallas_kernels/NOTES.md, 2026-12-03)."""
+    import collections
+
+    from benchmarks import profile_summary
+
+    n_layer, steps = 3, 2
+    config = MambaConfig(d_model=256, n_layer=n_layer, vocab_size=512, dtype="bfloat16",
+                         scan_impl="pallas", remat=remat, remat_keep_scan=keep_scan)  # fmt: skip
+    mesh = shd.make_mesh(MeshConfig(-1, 1, 1))
+    tc = TrainConfig(steps=10, batch_size=4, seq_len=512, warmup_steps=1)
+    tx = trainer.make_optimizer(tc)
+    graphdef, state, shardings = trainer.init_state(config, tx, mesh, seed=0)
+    step = trainer.make_train_step(graphdef, tx, tc, shardings, mesh)
+    tokens = np.random.default_rng(0).integers(0, 512, (4, 513)).astype(np.int32)
+    batch = trainer.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
+    state, metrics = step(state, batch)  # compile outside the trace
+    jax.block_until_ready(metrics)
+    with jax.profiler.trace(str(tmp_path)):
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+    launches = collections.Counter(e.name for e in profile_summary.device_ops(tmp_path))
+    fwd = {k: v for k, v in launches.items() if "selective_scan_fwd" in k}
+    bwd = {k: v for k, v in launches.items() if k.startswith("selective_scan_bwd_mosaic")}
+    assert bwd and set(bwd.values()) == {n_layer * steps}, launches
+    assert fwd and set(fwd.values()) == {n_layer * steps}, launches
