@@ -368,7 +368,7 @@ def test_remat_policy_keeps_the_named_checkpoints_and_runs_one_forward_kernel(mo
     """The forward tags its state checkpoints SCAN_CHECKPOINTS: under a remat policy that keeps
     them (and y) the lowered backward has no second forward kernel; under one that keeps nothing
     the forward kernel runs again. Lowered for CUDA on this CPU machine. (The TPU kernel tags its
-    checkpoints too, but its lowered step still holds the recomputed forward call: not fixed.)"""
+    checkpoints too; its StableHLO keeps the dead recomputed call for XLA to remove, see NOTES.)"""
     from jax.ad_checkpoint import checkpoint_name
 
     monkeypatch.setattr(pk, "unsupported_reason", lambda **kw: None)  # lowering needs no device
