@@ -15,7 +15,7 @@ from mamba_jax.config import MambaConfig
 from mamba_jax.layers import RMSNorm, causal_conv1d_step, partitioned, rms_norm
 from mamba_jax.mixer import MambaMixer
 from mamba_jax.scan import segment_ids_from_positions, selective_scan_step
-from pallas_kernels._validation import SCAN_CHECKPOINTS
+from pallas_kernels import SCAN_CHECKPOINTS
 
 
 class MambaCache(NamedTuple):
@@ -307,11 +307,11 @@ class MambaLM(nnx.Module):
         """The layer stack: x (b, l, d) float32 embeddings -> residual stream (and, with a
         MambaCache, the updated cache).
 
-        With config.remat each block is rematerialised under `REMAT_POLICY` (with
-        config.remat_keep_scan, `REMAT_POLICY_KEEP_SCAN`, which also keeps the scan's output and
-        its kernel's state checkpoints): the backward keeps
+        With config.remat each block is rematerialised under `REMAT_POLICY`: the backward keeps
         the block input and the outputs of in_proj and x_proj, and recomputes the norm, the conv,
-        Δ and the scan's forward kernel (all cheap next to the matmuls they feed)."""
+        Δ and the scan's forward kernel (all cheap next to the matmuls they feed). With
+        config.remat_keep_scan too, `REMAT_POLICY_KEEP_SCAN` also keeps the scan's output and its
+        kernel's state checkpoints, so the forward kernel is not run again."""
         apply = _apply_block
         if self.config.remat:
             policy = REMAT_POLICY_KEEP_SCAN if self.config.remat_keep_scan else REMAT_POLICY
