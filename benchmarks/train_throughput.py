@@ -52,21 +52,28 @@ ROW_PREFIX = "ROW "
 # One of our rows, in its own process.
 
 
-def _model_config(name, args, remat, keep_scan=False):
+def _model_config(name, args, remat, keep_scan=False, scan_layers=None, keep_layers=None):
     from mamba_jax.config import MambaConfig
     from mamba_jax.training.run_config import load_config
 
     if name == "tiny":  # a CPU-sized model for checking the script itself
         return MambaConfig(d_model=64, n_layer=2, vocab_size=257, dtype="bfloat16",
-                           scan_impl=args.scan_impl, remat=remat,
-                           remat_keep_scan=keep_scan)  # fmt: skip
+                           scan_impl=args.scan_impl, remat=remat, remat_keep_scan=keep_scan,
+                           scan_layers=True if scan_layers is None else scan_layers,
+                           remat_keep_scan_layers=keep_layers)  # fmt: skip
     config = load_config(str(REPO / PRESETS[name])).model
+    if scan_layers is not None:  # else the preset's
+        config = config.replace(scan_layers=scan_layers)
+    if keep_layers is not None:  # else the preset's
+        config = config.replace(remat_keep_scan_layers=keep_layers)
     return config.replace(scan_impl=args.scan_impl, remat=remat, remat_keep_scan=keep_scan,
                           dtype="bfloat16", param_dtype="float32")  # fmt: skip
 
 
 def measure(spec: dict) -> dict:
     """spec: {model, batch, length, steps, warmup, remat, keep_scan (MambaConfig.remat_keep_scan),
+    scan_layers (MambaConfig.scan_layers), keep_layers (remat_keep_scan_layers; None: the
+    preset's, for both),
     loss ("chunked" | "plain"), scan_impl, profile}. Returns the row."""
     import jax
     import numpy as np
@@ -80,7 +87,14 @@ def measure(spec: dict) -> dict:
 
     args = argparse.Namespace(**spec)
     keep_scan = bool(getattr(args, "keep_scan", False)) and args.remat
-    model_config = _model_config(args.model, args, args.remat, keep_scan)
+    model_config = _model_config(
+        args.model,
+        args,
+        args.remat,
+        keep_scan,
+        getattr(args, "scan_layers", None),
+        getattr(args, "keep_layers", None),
+    )
     mesh = shd.make_mesh(MeshConfig(-1, 1, 1))
     batch, length = args.batch, args.length
     tiny = args.model == "tiny"
@@ -121,9 +135,14 @@ def measure(spec: dict) -> dict:
     row = {
         "model": args.model, "gpus": 1, "batch": batch, "length": length, "impl": "ours",
         "variant": ("remat" if args.remat else "no remat") + (", keep scan" if keep_scan else "")
+                   + (f" in {k} layers" if keep_scan and (k := model_config.remat_keep_scan_layers)
+                      is not None else "")
+                   + ("" if model_config.scan_layers else ", unrolled layers")
                    + ("" if args.loss == "chunked" else ", plain loss"),
         "params": n_params, "scan_impl": _resolved_impl(model_config, batch, length),
         "remat": args.remat, "remat_keep_scan": keep_scan, "loss": args.loss,
+        "scan_layers": model_config.scan_layers,
+        "remat_keep_scan_layers": model_config.remat_keep_scan_layers,
         "step_ms": median * 1e3, "step_ms_min": min(times) * 1e3,
         "tokens_per_s": tokens_per_s, "mfu": mfu(n_params, tokens_per_s, 1),
         "peak_gib": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30,
@@ -289,6 +308,20 @@ def main(argv=None):
     )
     parser.add_argument("--also-keep-scan", default="",
                         help="models also measured with --keep-scan flipped")  # fmt: skip
+    parser.add_argument(
+        "--layers",
+        choices=("preset", "scan", "unrolled"),
+        default="preset",
+        help="config.scan_layers of every row: the preset's, True or False",
+    )
+    parser.add_argument(
+        "--keep-scan-layers",
+        type=int,
+        default=None,
+        help="config.remat_keep_scan_layers of every row (default: the preset's)",
+    )
+    parser.add_argument("--also-layers", default="",
+                        help="models also measured with scan_layers flipped")  # fmt: skip
     parser.add_argument("--reference", default="", help="models also trained with the plain loss")
     parser.add_argument("--profile", action="store_true", help="trace the first row's steps")
     parser.add_argument("--rivals", default=None, help="the rivals' folder ($MAMBA_JAX_RIVALS)")
@@ -321,13 +354,19 @@ def main(argv=None):
     for model, batch in zip(models, batches, strict=True):
         remat = model in args.remat.split(",")
         keep = model in args.keep_scan.split(",")
+        layers = {"preset": None, "scan": True, "unrolled": False}[args.layers]
         base = dict(model=model, batch=batch, length=args.seq_len, steps=args.steps,
-                    warmup=args.warmup, scan_impl=args.scan_impl, keep_scan=keep)  # fmt: skip
+                    warmup=args.warmup, scan_impl=args.scan_impl, keep_scan=keep,
+                    scan_layers=layers, keep_layers=args.keep_scan_layers)  # fmt: skip
         specs.append(base | dict(remat=remat, loss="chunked", profile=args.profile))
         if model in args.also_remat.split(","):
             specs.append(base | dict(remat=not remat, loss="chunked", profile=False))
         if model in args.also_keep_scan.split(","):
             specs.append(base | dict(remat=remat, keep_scan=not keep, loss="chunked",
+                                     profile=False))  # fmt: skip
+        if model in args.also_layers.split(","):
+            flipped = not _model_config(model, args, remat, keep, layers).scan_layers
+            specs.append(base | dict(remat=remat, scan_layers=flipped, loss="chunked",
                                      profile=False))  # fmt: skip
         if model in args.reference.split(","):
             specs.append(base | dict(remat=remat, loss="plain", profile=False))

@@ -37,6 +37,13 @@ class MambaConfig:
     # 2 + 8 bytes per token and channel per layer at d_state 16): the backward then runs no
     # second forward kernel. Faster where the memory is there (the 130m preset on one H200).
     remat_keep_scan: bool = False
+    # Apply the layers with `nnx.scan` (one compiled block, whatever the depth). False unrolls
+    # them in the program: longer compiles, but each layer's saved activations are buffers of
+    # their own, where a scan copies them into stacked (n_layer, ...) buffers and back.
+    scan_layers: bool = True
+    # With remat_keep_scan and scan_layers=False: only the first this many layers keep the scan
+    # (None: all), to spend a memory budget on part of the stack.
+    remat_keep_scan_layers: int | None = None
     # Ablation (paper Table 1): delta, B and C do not depend on the input (an LTI, S4-like layer).
     selective: bool = True
     dtype: str = "float32"  # compute dtype of activations
@@ -58,6 +65,14 @@ class MambaConfig:
                 raise ValueError(
                     f"MambaConfig.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}"
                 )
+        k = self.remat_keep_scan_layers
+        if k is not None:
+            if not isinstance(k, int) or not 0 <= k <= self.n_layer:
+                raise ValueError(f"MambaConfig.remat_keep_scan_layers must be None or an int in "
+                                 f"[0, n_layer={self.n_layer}], got {k!r}")  # fmt: skip
+            if self.scan_layers and k not in (0, self.n_layer):
+                raise ValueError("MambaConfig.remat_keep_scan_layers below n_layer needs "
+                                 "scan_layers=False (a scan runs one policy for every layer)")  # fmt: skip
         if not 0 < self.dt_min <= self.dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got {self.dt_min=} {self.dt_max=}")
 

@@ -236,7 +236,9 @@ class MambaLM(nnx.Module):
             return
         if not getattr(input_ids, "is_fully_addressable", True):
             return  # spread over several processes: no one process can read every id
-        lo, hi, vocab = int(input_ids.min()), int(input_ids.max()), self.config.vocab_size
+        # On the host: under a trace, even a constant's min() would be a tracer.
+        ids = np.asarray(input_ids)
+        lo, hi, vocab = int(ids.min()), int(ids.max()), self.config.vocab_size
         if lo < 0 or hi >= vocab:
             raise ValueError(
                 f"{name} holds token id {lo if lo < 0 else hi}, outside the vocabulary: ids must "
@@ -311,11 +313,35 @@ class MambaLM(nnx.Module):
         the block input and the outputs of in_proj and x_proj, and recomputes the norm, the conv,
         Δ and the scan's forward kernel (all cheap next to the matmuls they feed). With
         config.remat_keep_scan too, `REMAT_POLICY_KEEP_SCAN` also keeps the scan's output and its
-        kernel's state checkpoints, so the forward kernel is not run again."""
-        apply = _apply_block
-        if self.config.remat:
-            policy = REMAT_POLICY_KEEP_SCAN if self.config.remat_keep_scan else REMAT_POLICY
-            apply = nnx.remat(_apply_block, policy=policy, prevent_cse=False)
+        kernel's state checkpoints, so the forward kernel is not run again.
+
+        config.scan_layers=False (training and scoring only; decoding with a cache always scans)
+        applies the layers one after another in the program instead of under `nnx.scan`, and
+        config.remat_keep_scan_layers=k then keeps the scan in the first k layers only."""
+        c = self.config
+        keep = c.n_layer if c.remat_keep_scan_layers is None else c.remat_keep_scan_layers
+        keep = keep if c.remat_keep_scan else 0
+
+        def layer_fn(i):
+            if not c.remat:
+                return _apply_block
+            policy = REMAT_POLICY_KEEP_SCAN if i < keep else REMAT_POLICY
+            # Under nnx.scan nothing can merge the recomputation with the forward; unrolled,
+            # XLA's CSE would (and so keep everything), unless prevent_cse fences it off.
+            return nnx.remat(_apply_block, policy=policy, prevent_cse=not c.scan_layers)
+
+        apply = layer_fn(0)
+
+        if cache is None and not self.config.scan_layers:
+            # One split per stacked weight: its gradient is one concatenate, where n_layer
+            # separate slices would each be transposed into a zero-padded (n_layer, ...) array.
+            graphdef, weights = nnx.split(self.layers)
+            leaves, treedef = jax.tree.flatten(weights)
+            parts = [jnp.split(w, self.config.n_layer) for w in leaves]
+            for i in range(self.config.n_layer):
+                layer = jax.tree.unflatten(treedef, [p[i][0] for p in parts])
+                x = layer_fn(i)(nnx.merge(graphdef, layer), x, segment_ids, padding_mask)
+            return x
 
         if cache is None:
 

@@ -103,6 +103,10 @@ def test_config_rejects_bad_values():
         MambaConfig(scan_impl="cuda")
     with pytest.raises(ValueError, match="dtype"):
         MambaConfig(dtype="float64")
+    with pytest.raises(ValueError, match="remat_keep_scan_layers"):
+        MambaConfig(n_layer=4, remat_keep_scan_layers=5, scan_layers=False)
+    with pytest.raises(ValueError, match="needs scan_layers=False"):
+        MambaConfig(n_layer=4, remat_keep_scan_layers=2)
     assert MambaConfig(d_model=768).dt_rank == 48 and MambaConfig(d_model=768).d_inner == 1536
     assert MambaConfig().padded_vocab_size == 50280
 

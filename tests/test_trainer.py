@@ -94,15 +94,25 @@ def _grads(config, loss, params, batch):
 
 def test_step_loss_and_gradients_equal_the_plain_step():
     """Chunked cross-entropy, fused conv/norm, two-matmul in_proj, without and with the
-    rematerialisation policy, against whole logits + optax without remat: the same function."""
+    rematerialisation policy, layers scanned or unrolled, against whole logits + optax without
+    remat: the same function."""
     params = trainer.pure(nnx.state(MambaLM(TINY, rngs=nnx.Rngs(0))))
     k = jax.random.split(jax.random.key(1), 3)
     batch = {"inputs": jax.random.randint(k[0], (2, 13), 0, 29),
              "targets": jax.random.randint(k[1], (2, 13), 0, 29),
              "mask": (jax.random.uniform(k[2], (2, 13)) > 0.2).astype(jnp.float32)}  # fmt: skip
     want, want_grads = _grads(TINY, trainer.reference_loss_terms, params, batch)
-    for remat, keep_scan in ((False, False), (True, False), (True, True)):
-        config = TINY.replace(remat=remat, remat_keep_scan=keep_scan)
+    variants = [
+        (False, False, True, None),
+        (True, False, True, None),
+        (True, True, True, None),
+        (False, False, False, None),
+        (True, True, False, None),
+        (True, True, False, 1),
+    ]
+    for remat, keep_scan, scan_layers, keep_layers in variants:
+        config = TINY.replace(remat=remat, remat_keep_scan=keep_scan, scan_layers=scan_layers,
+                              remat_keep_scan_layers=keep_layers)  # fmt: skip
         got, grads = _grads(config, trainer.loss_terms, params, batch)
         np.testing.assert_allclose(got, want, rtol=1e-5)
         for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -110,8 +120,13 @@ def test_step_loss_and_gradients_equal_the_plain_step():
             for key in path:
                 ref = ref[key.key]
             scale = max(1.0, float(jnp.max(jnp.abs(ref))))
-            np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * scale,
-                                       err_msg=f"{remat=} {keep_scan=} {path}")  # fmt: skip
+            np.testing.assert_allclose(
+                g,
+                ref,
+                rtol=1e-4,
+                atol=1e-5 * scale,
+                err_msg=f"{remat=} {keep_scan=} {scan_layers=} {keep_layers=} {path}",
+            )
 
 
 def test_remat_keeps_only_the_named_residuals():
@@ -136,6 +151,20 @@ def test_remat_keeps_only_the_named_residuals():
     # tests/test_pallas_kernels.py checks those on the lowered kernel step).
     assert stacked(True, keep_scan=True) == sorted([*want, ("bfloat16", e)])
     assert len(stacked(False)) > 4
+
+    def per_layer(keep_layers):  # unrolled: a layer's residuals are (b, l, ...) of their own
+        config = cfg.replace(remat=True, remat_keep_scan=True, scan_layers=False,
+                             remat_keep_scan_layers=keep_layers)  # fmt: skip
+        graphdef = nnx.graphdef(MambaLM(config, rngs=nnx.Rngs(0)))
+        res = saved_residuals(lambda p, b: trainer.loss_terms(graphdef, p, b)[0], params, batch)
+        return sorted((a.dtype.name, a.shape[2]) for a, _ in res
+                      if a.shape[:2] == (2, 24) and a.ndim == 3)  # fmt: skip
+
+    # Two layers: x, z and x_dbl each, y in the layers that keep the scan (widths e and r; the
+    # rest are the block inputs and the head's, outside the question).
+    for keep in (0, 1, 2):
+        got = [x for x in per_layer(keep) if x[1] in (e, r)]
+        assert got == sorted(2 * want[:3] + keep * [("bfloat16", e)]), (keep, got)
 
 
 # ----------------------------------------------------------------------------------------------
