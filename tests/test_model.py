@@ -89,6 +89,21 @@ def test_lti_ablation_builds_and_differs():
     assert not hasattr(MambaLM(TINY, rngs=nnx.Rngs(0)).layers.mixer, "lti_dt")
 
 
+def test_unrolled_layers_give_the_scanned_logits_and_constant_ids_work_under_jit():
+    x = ids(5, 2, 9)
+    scanned = MambaLM(TINY, rngs=nnx.Rngs(1))
+    unrolled = MambaLM(TINY.replace(scan_layers=False), rngs=nnx.Rngs(1))
+    want = scanned(x)
+    np.testing.assert_allclose(np.asarray(unrolled(x)), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # The ids are a constant of the traced function: their range is still checked, on the host
+    # (under jax.make_jaxpr, reading their min() through jnp would raise).
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m: m(x))(scanned)), np.asarray(want),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    bad = x + TINY.vocab_size
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        nnx.jit(lambda m: m(bad))(scanned)
+
+
 @pytest.mark.parametrize("bad", [jnp.zeros((2, 3), jnp.float32), jnp.zeros((3,), jnp.int32)])
 def test_bad_ids(bad):
     model = MambaLM(TINY, rngs=nnx.Rngs(0))
