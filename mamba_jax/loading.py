@@ -27,7 +27,7 @@ from mamba_jax.convert import dtype_name, is_pretrained_dir, load_pretrained
 from mamba_jax.model import MambaLM, abstract_model, with_config
 
 # Keys that old run configs carry and MambaConfig no longer has, with the only value they may hold.
-_RETIRED_MODEL_KEYS = {"tie_embeddings": True, "scan_layers": True}
+_RETIRED_MODEL_KEYS = {"tie_embeddings": True}
 
 
 def model_config_from_dict(tree: dict, source: str = "model config") -> MambaConfig:

@@ -93,9 +93,12 @@ def test_missing_config_file():
 
 
 def test_retired_model_keys_of_older_runs():
-    """Run configs saved before tie_embeddings and scan_layers were removed still load; a value
-    the model cannot honour is refused rather than ignored."""
+    """Run configs saved before tie_embeddings was removed still load; a value the model cannot
+    honour is refused rather than ignored. scan_layers, once retired too, is a field again, and
+    the configs that carry scan_layers: true mean what they did."""
     tree = {"model": {"d_model": 32, "tie_embeddings": True, "scan_layers": True}}
     assert config_from_dict(tree).model.d_model == 32
+    assert config_from_dict(tree).model.scan_layers is True
+    assert config_from_dict({"model": {"scan_layers": False}}).model.scan_layers is False
     with pytest.raises(ValueError, match="tie_embeddings=False is not supported"):
         config_from_dict({"model": {"tie_embeddings": False}})

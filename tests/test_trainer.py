@@ -356,18 +356,23 @@ def test_padded_positions_get_no_loss_and_change_nothing():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("remat, keep_scan", [(False, False), (True, True)])
-def test_the_forward_kernel_runs_once_per_layer_in_a_train_step(remat, keep_scan, tmp_path):
+@pytest.mark.parametrize(
+    "remat, keep_scan, scan_layers", [(False, False, True), (True, True, True), (True, True, False)]
+)
+def test_the_forward_kernel_runs_once_per_layer_in_a_train_step(
+    remat, keep_scan, scan_layers, tmp_path
+):
     """Profiled on the GPU: one forward-kernel launch per layer and step, without remat and with
-    remat that keeps the scan (XLA's dynamic-slice fusion once cloned the call; see
-    pallas_kernels/NOTES.md, 2026-12-03)."""
+    remat that keeps the scan, the layers scanned or unrolled (XLA's dynamic-slice fusion once
+    cloned the call; see pallas_kernels/NOTES.md, 2026-12-03)."""
     import collections
 
     from benchmarks import profile_summary
 
     n_layer, steps = 3, 2
     config = MambaConfig(d_model=256, n_layer=n_layer, vocab_size=512, dtype="bfloat16",
-                         scan_impl="pallas", remat=remat, remat_keep_scan=keep_scan)  # fmt: skip
+                         scan_impl="pallas", remat=remat, remat_keep_scan=keep_scan,
+                         scan_layers=scan_layers)  # fmt: skip
     mesh = shd.make_mesh(MeshConfig(-1, 1, 1))
     tc = TrainConfig(steps=10, batch_size=4, seq_len=512, warmup_steps=1)
     tx = trainer.make_optimizer(tc)
