@@ -353,7 +353,7 @@ def run_cuda(rivals, plan, seed, inner, reps):
 
 
 def parse_variants(text, reduces):
-    """[(label, BlockSizes or None)]: block sizes tile:sub[:chunks[:target_blocks]], each crossed
+    """[(label, BlockSizes or None)]: block sizes tile:sub[:chunks[:target_blocks[:bwd_lanes]]], each crossed
     with the bwd_reduce methods; [("", None)] (the kernel's defaults) when neither is given."""
     import pallas_kernels
 
@@ -364,7 +364,8 @@ def parse_variants(text, reduces):
         kw = {}
         if item:
             values = [int(x) if x else None for x in item.split(":")]
-            kw = dict(zip(("tile", "sub", "chunks", "target_blocks"), values, strict=False))
+            names = ("tile", "sub", "chunks", "target_blocks", "bwd_lanes")
+            kw = dict(zip(names, values, strict=False))
             kw = {k: v for k, v in kw.items() if v is not None or k in ("sub", "chunks")}
         for reduce in reduces or [None]:
             extra = {} if reduce is None else {"bwd_reduce": reduce}
@@ -436,7 +437,9 @@ def main(argv=None):
     )
     parser.add_argument("--rivals", default=None, help="the rivals' folder ($MAMBA_JAX_RIVALS)")
     parser.add_argument(
-        "--variants", default="", help="pallas block sizes tile:sub[:chunks[:target_blocks]],..."
+        "--variants",
+        default="",
+        help="pallas block sizes tile:sub[:chunks[:target_blocks[:bwd_lanes]]],...",
     )
     parser.add_argument(
         "--bwd-reduce",

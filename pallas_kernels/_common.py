@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu.fragmented_array import Tiling
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 W = 128  # channels per block: one warpgroup, one thread per channel
@@ -42,6 +43,10 @@ class BlockSizes:
     unroll: token loops as straight-line code (static token indices), so the compiler overlaps
       the loads and exponentials of a tile's tokens; False keeps a loop per tile.
     stages: input tiles in flight in the TMA pipeline (max_concurrent_steps), at least 2.
+    bwd_lanes: threads per channel in the backward's main pass, 1 or 2. With 2, a block takes
+      64 channels and each thread holds half of a channel's states, which halves the registers
+      the states take (the pass is at the 255 cap with 1); per-channel work is done twice and
+      the sums over states need one lane shuffle. Sums over channels always go through SMEM.
     bwd_reduce: how the backward sums the per-channel dB, dC products over a block's channels.
       "smem" (default): the products go to SMEM, state-major (conflict-free stores), and a
       WGMMA-layout load sums them every 32 / n_block tokens.
@@ -59,8 +64,11 @@ class BlockSizes:
     split_below: int = 2 * NUM_SMS_HOPPER // 3
     unroll: bool = True
     stages: int = 2
+    bwd_lanes: int = 1
 
     def __post_init__(self):
+        if self.bwd_lanes not in (1, 2):
+            raise ValueError(f"BlockSizes: bwd_lanes must be 1 or 2, got {self.bwd_lanes!r}")
         if self.stages < 2:
             raise ValueError(f"BlockSizes: stages={self.stages} must be at least 2")
         if self.sub is not None and (self.tile < 1 or self.sub < 1 or self.tile % self.sub):
@@ -91,6 +99,7 @@ class Plan:
     unroll: bool = False  # token loops unrolled in Python (straight-line code per tile)
     stages: int = 2  # pipeline depth of the input tiles (max_concurrent_steps)
     bwd_chunks: int = 1  # sequence chunks of the backward (n_chunks is the forward's)
+    bwd_lanes: int = 1  # threads per channel in the backward's main pass (BlockSizes)
 
     def backward(self):
         """The plan the backward kernels run under: the same tiles, its own chunks."""
@@ -126,7 +135,7 @@ def make_plan(b, length, e, n, g, block_sizes: BlockSizes) -> Plan:
     # The backward sums dB, dC over channels every 32 / n_pad tokens, so sub is a multiple of that.
     rounds = 32 // n_pad
     tile = block_sizes.tile
-    sub = block_sizes.sub or 4
+    sub = block_sizes.sub or (4 if block_sizes.bwd_lanes == 1 else min(block_sizes.tile, 8))
     sub = -(-sub // rounds) * rounds
     if tile % sub:
         raise ValueError(f"BlockSizes: tile={tile} must be a multiple of sub={sub}")
@@ -145,14 +154,16 @@ def make_plan(b, length, e, n, g, block_sizes: BlockSizes) -> Plan:
         # when batch x channel blocks alone come near to filling the GPU; the backward, at the
         # register cap with two blocks per SM, always splits (NOTES.md, variants 5-6).
         chunks = 1 if blocks >= block_sizes.split_below > 0 else split
-        bwd_chunks = split
+        # The backward's main pass counts blocks of its own width (64 channels with 2 lanes).
+        bwd_blocks = blocks * block_sizes.bwd_lanes
+        bwd_chunks = nearest(max(1, -(-block_sizes.target_blocks // bwd_blocks)))
     tiles_per_chunk = n_tiles // chunks
     reduce = block_sizes.bwd_reduce
-    if reduce == "shuffle" and (tile * 2 * n_pad) % W:
+    if reduce == "shuffle" and ((tile * 2 * n_pad) % W or block_sizes.bwd_lanes > 1):
         reduce = "smem"
     return Plan(b, length, e, n, g, g * p_pad, n_pad, tile, sub, n_tiles, tiles_per_chunk,
                 chunks, n_split, reduce, block_sizes.unroll, block_sizes.stages,
-                bwd_chunks)  # fmt: skip
+                bwd_chunks, block_sizes.bwd_lanes)  # fmt: skip
 
 
 def pad_channels(x, plan: Plan, axis):
@@ -197,14 +208,63 @@ def pad_last(x, size):
 # In-kernel helpers (Lane semantics: every array carries an explicit layout).
 
 
+class Lanes:
+    """How a block's (w, n) state arrays sit on the warpgroup's 128 threads.
+
+    lanes=1: w = 128 channels, thread i holds channel i's whole state row (STATE above).
+    lanes=2: w = 64 channels; each warp holds 16 channels, lanes 2c and 2c + 1 the two halves
+    (n / 2 states each) of its channel c. A per-channel (w,) vector is then held by both lanes
+    of its channel, and a sum over the states is a per-thread sum plus one lane shuffle."""
+
+    def __init__(self, lanes: int, n: int):
+        self.lanes, self.n, self.w = lanes, n, W // lanes
+        if lanes == 1:
+            self.state, self.row, self.col = STATE, ROW, COL
+        else:
+            tiling = Tiling(((64, n), (16, n), (16, n // 2), (1,)))
+            self.state = plgpu.Layout.TILED(tiling, warp_dims=(-7,), lane_dims=(-3, -4),
+                                            vector_dim=-1)  # fmt: skip
+            self.row, self.col = self.state.reduce(1), self.state.reduce(0)
+
+    def rows(self, x):
+        """(w,) per-channel values -> (w, n), broadcast along each channel's state row."""
+        return plgpu.layout_cast(jax.lax.broadcast_in_dim(x, (self.w, self.n), (0,)), self.state)
+
+    def cols(self, x):
+        """(n,) per-state values -> (w, n)."""
+        return plgpu.layout_cast(jax.lax.broadcast_in_dim(x, (self.w, self.n), (1,)), self.state)
+
+    def load_row(self, ref):
+        return plgpu.load(ref, layout=self.row, optimized=False).astype(jnp.float32)
+
+    def load_col(self, ref):
+        return plgpu.load(ref, layout=self.col, optimized=False).astype(jnp.float32)
+
+    def load_state(self, ref):
+        return plgpu.load(ref, layout=self.state, optimized=False).astype(jnp.float32)
+
+    def zeros_state(self):
+        return plgpu.layout_cast(jnp.zeros((self.w, self.n), jnp.float32), self.state)
+
+    def zeros_row(self):
+        return plgpu.layout_cast(jnp.zeros((self.w,), jnp.float32), self.row)
+
+    def decay(self, dt, A_r, reset=None):
+        """`decay` in this mapping."""
+        x = self.rows(dt) * A_r
+        if reset is not None:
+            x = x + reset
+        return jnp.exp2(x)
+
+
 def rows(x, n):
     """(W,) per-thread scalar -> (W, n), broadcast along the thread's own state row."""
-    return plgpu.layout_cast(jax.lax.broadcast_in_dim(x, (W, n), (0,)), STATE)
+    return Lanes(1, n).rows(x)
 
 
 def cols(x):
     """(n,) vector every thread holds -> (W, n)."""
-    return plgpu.layout_cast(jax.lax.broadcast_in_dim(x, (W, x.shape[0]), (1,)), STATE)
+    return Lanes(1, x.shape[0]).cols(x)
 
 
 def load_row(ref):
@@ -220,7 +280,7 @@ def load_state(ref):
 
 
 def zeros_state(n):
-    return plgpu.layout_cast(jnp.zeros((W, n), jnp.float32), STATE)
+    return Lanes(1, n).zeros_state()
 
 
 def zeros_row():

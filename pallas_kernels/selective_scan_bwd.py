@@ -194,7 +194,10 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
     T, K, n = plan.tile, plan.sub, plan.n_pad
     shuffle = plan.bwd_reduce == "shuffle"
     R = dbc_round(plan)
-    epg, tpc = plan.eblocks_per_group, plan.tiles_per_chunk
+    lay = cm.Lanes(plan.bwd_lanes, n)
+    w = lay.w  # channels per block
+    n_eblocks = plan.e_pad // w
+    epg, tpc = n_eblocks // plan.g, plan.tiles_per_chunk
     has_z = z is not None
     has_reset = reset is not None
     n_copies = (3 if has_z else 2) + 1
@@ -215,11 +218,11 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
         dbc_s, sub_s, vec_s, x_s = (next(it) for _ in range(4))  # x_s: (4, T 2n) if shuffle
 
         bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
-        e0 = pl.multiple_of(eb * W, W)
-        A_r = cm.load_state(A_g.at[pl.ds(e0, W)])
-        Dv = cm.load_row(D_g.at[pl.ds(e0, W)])
-        bias = cm.load_row(bias_g.at[pl.ds(e0, W)])
-        G0 = cm.load_state(gend_g.at[bi, ci, pl.ds(e0, W)])
+        e0 = pl.multiple_of(eb * w, w)
+        A_r = lay.load_state(A_g.at[pl.ds(e0, w)])
+        Dv = lay.load_row(D_g.at[pl.ds(e0, w)])
+        bias = lay.load_row(bias_g.at[pl.ds(e0, w)])
+        G0 = lay.load_state(gend_g.at[bi, ci, pl.ds(e0, w)])
         last = ci * tpc + tpc - 1
 
         def body(idx, *srefs):
@@ -236,28 +239,28 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
 
             def token(t):
                 valid = tile_idx * T + t < plan.length
-                dt, ddt = cm.discretize(cm.load_row(d_s.at[t]), bias, valid, delta_softplus)
+                dt, ddt = cm.discretize(lay.load_row(d_s.at[t]), bias, valid, delta_softplus)
                 # The reset offset (a scalar, one register) travels with the token, so the
                 # reverse step's decay is the same expression as the recompute's (merged).
                 rt = cm.load_reset(R_s, t) if has_reset else None
-                return dt, ddt, cm.load_row(u_s.at[t]), rt
+                return dt, ddt, lay.load_row(u_s.at[t]), rt
 
             def step(h, t, tok):
                 dt, _, uu, rt = tok
-                a = cm.decay(dt, A_r, n, rt)
-                return a * h + cm.rows(dt * uu, n) * cm.cols(cm.load_col(B_s.at[t]))
+                a = lay.decay(dt, A_r, rt)
+                return a * h + lay.rows(dt * uu) * lay.cols(lay.load_col(B_s.at[t]))
 
             def advance(h, t):
                 return step(h, t, token(t))
 
             # Forward sweep over the tile from its saved start state; keep every K-th state.
-            h = cm.load_state(ck_s)
+            h = lay.load_state(ck_s)
             for k in range(1, T // K):
                 h = cm.token_loop(K, lambda j, h, k=k: advance(h, (k - 1) * K + j), h, plan.unroll)
                 sub_s[k - 1] = h
 
             for k in reversed(range(T // K)):
-                h_start = cm.load_state(ck_s if k == 0 else sub_s.at[k - 1])
+                h_start = lay.load_state(ck_s if k == 0 else sub_s.at[k - 1])
                 hs, cache, h = [], [], h_start
                 for j in range(K):  # recompute this sub-tile's states into registers
                     cache.append(token(k * K + j))
@@ -267,15 +270,15 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
                     t = k * K + j
                     dt, ddt, uu, rt = cache[j]
                     h_t, h_prev = hs[j], (hs[j - 1] if j else h_start)
-                    Bt, Ct = cm.load_col(B_s.at[t]), cm.load_col(C_s.at[t])
-                    gys = cm.load_row(gy_s.at[t])
+                    Bt, Ct = lay.load_col(B_s.at[t]), lay.load_col(C_s.at[t])
+                    gys = lay.load_row(gy_s.at[t])
                     if has_z:
-                        y_pre = jnp.sum(h_t * cm.cols(Ct), axis=1) + Dv * uu
-                        gys, dz = _gate(gys, cm.load_row(z_s.at[t]), y_pre)
+                        y_pre = jnp.sum(h_t * lay.cols(Ct), axis=1) + Dv * uu
+                        gys, dz = _gate(gys, lay.load_row(z_s.at[t]), y_pre)
                         dz_s[slot, t] = dz.astype(dz_s.dtype)
-                    lam = G + cm.rows(gys, n) * cm.cols(Ct)  # dL/dh_t
+                    lam = G + lay.rows(gys) * lay.cols(Ct)  # dL/dh_t
                     if shuffle:
-                        pc, pb = cm.rows(gys, n) * h_t, cm.rows(dt * uu, n) * lam
+                        pc, pb = lay.rows(gys) * h_t, lay.rows(dt * uu) * lam
                         _warp_sums(pc, pb, x_s, t, n, interpret)
                     elif j % R == R - 1:
                         plgpu.commit_smem()  # the last round's reads of x_s are done
@@ -283,28 +286,26 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
                     # per thread) so that the stores are bank-conflict free.
                     jj = j % R
                     if not shuffle:
-                        x_s.at[pl.ds(jj * n, n), pl.ds(0, W)].T[...] = cm.rows(gys, n) * h_t
-                        x_s.at[pl.ds((R + jj) * n, n), pl.ds(0, W)].T[...] = (
-                            cm.rows(dt * uu, n) * lam
-                        )
+                        x_s.at[pl.ds(jj * n, n), pl.ds(0, w)].T[...] = lay.rows(gys) * h_t
+                        x_s.at[pl.ds((R + jj) * n, n), pl.ds(0, w)].T[...] = lay.rows(dt * uu) * lam
                     if not shuffle and jj == 0:
                         # Sum over channels: in the WGMMA layout a warp owns 16 whole rows, so
                         # the sum is 32 adds and 2 shuffles per row, no cross-warp step.
                         plgpu.commit_smem()
                         x = plgpu.load(
-                            x_s.at[:, pl.ds(0, W)], layout=plgpu.Layout.WGMMA, optimized=False
+                            x_s.at[:, pl.ds(0, w)], layout=plgpu.Layout.WGMMA, optimized=False
                         )
                         dbc_s[slot, pl.ds((t // R) * 2 * R * n, 2 * R * n)] = jnp.sum(x, axis=1)
-                    s = jnp.sum(lam * cm.cols(Bt), axis=1)  # dL/d(dt u)
+                    s = jnp.sum(lam * lay.cols(Bt), axis=1)  # dL/d(dt u)
                     # Same value as in the recompute above; the compiler merges the two (keeping
                     # it in a list compiled to identical registers and spills; NOTES.md, 4b).
-                    a = cm.decay(dt, A_r, n, rt)
+                    a = lay.decay(dt, A_r, rt)
                     g_da = lam * h_prev * a  # dL/d(dt A); 0 at a segment start (a = 0)
                     # A_r is A log2(e): sum(g_da A) = ln 2 sum(g_da A_r).
                     d_dt = (uu * s + cm.LN2 * jnp.sum(g_da * A_r, axis=1)) * ddt
                     du_s[slot, t] = (dt * s + Dv * gys).astype(du_s.dtype)
                     dd_s[slot, t] = d_dt.astype(dd_s.dtype)
-                    dA_acc = dA_acc + g_da * cm.rows(dt, n)
+                    dA_acc = dA_acc + g_da * lay.rows(dt)
                     dD_acc = dD_acc + gys * uu
                     db_acc = db_acc + d_dt
                     G = a * lam
@@ -315,23 +316,23 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
                 dbc_s[slot] = x_s[0] + x_s[1] + x_s[2] + x_s[3]
             plgpu.commit_smem()
             rows_sl = pl.ds(tile_idx * T, T)
-            plgpu.copy_smem_to_gmem(du_s.at[slot], du_g.at[bi, rows_sl, pl.ds(e0, W)])
-            plgpu.copy_smem_to_gmem(dd_s.at[slot], dd_g.at[bi, rows_sl, pl.ds(e0, W)])
+            plgpu.copy_smem_to_gmem(du_s.at[slot], du_g.at[bi, rows_sl, pl.ds(e0, w)])
+            plgpu.copy_smem_to_gmem(dd_s.at[slot], dd_g.at[bi, rows_sl, pl.ds(e0, w)])
             if has_z:
-                plgpu.copy_smem_to_gmem(dz_s.at[slot], dz_g.at[bi, rows_sl, pl.ds(e0, W)])
+                plgpu.copy_smem_to_gmem(dz_s.at[slot], dz_g.at[bi, rows_sl, pl.ds(e0, w)])
             flat_sl = pl.ds(tile_idx * T * 2 * n, T * 2 * n)
             plgpu.copy_smem_to_gmem(dbc_s.at[slot], dbc_g.at[bi, eb, flat_sl])
             return G, dA_acc, dD_acc, db_acc
 
-        tok = pl.BlockSpec((None, T, W), lambda i: (bi, last - i, eb))
+        tok = pl.BlockSpec((None, T, w), lambda i: (bi, last - i, eb))
         bc = pl.BlockSpec((None, T, None, n), lambda i: (bi, last - i, eb // epg, 0))
-        ck = pl.BlockSpec((None, None, W, n), lambda i: (bi, last - i, eb, 0))
+        ck = pl.BlockSpec((None, None, w, n), lambda i: (bi, last - i, eb, 0))
         specs = [tok, tok] + ([tok] if has_z else []) + [bc, bc, tok, ck]
         ops = (u_g, d_g) + ((z_g,) if has_z else ()) + (B_g, C_g, gy_g, ck_g)
         if has_reset:
             specs.append(cm.reset_spec(plan, bi, lambda i: last - i))
             ops += (R_g,)
-        init = (G0, cm.zeros_state(n), cm.zeros_row(), cm.zeros_row())
+        init = (G0, lay.zeros_state(), lay.zeros_row(), lay.zeros_row())
         G, dA_acc, dD_acc, db_acc = plgpu.emit_pipeline(
             body, grid=(tpc,), in_specs=specs, max_concurrent_steps=plan.stages, init_carry=init
         )(*ops)
@@ -342,10 +343,10 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
         vec_s[0] = dD_acc
         vec_s[1] = db_acc
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(sub_s.at[0], dA_g.at[bi, ci, pl.ds(e0, W)])
-        plgpu.copy_smem_to_gmem(sub_s.at[1], dh_g.at[bi, ci, pl.ds(e0, W)])
-        plgpu.copy_smem_to_gmem(vec_s.at[0], dD_g.at[bi, ci, pl.ds(e0, W)])
-        plgpu.copy_smem_to_gmem(vec_s.at[1], dbias_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.copy_smem_to_gmem(sub_s.at[0], dA_g.at[bi, ci, pl.ds(e0, w)])
+        plgpu.copy_smem_to_gmem(sub_s.at[1], dh_g.at[bi, ci, pl.ds(e0, w)])
+        plgpu.copy_smem_to_gmem(vec_s.at[0], dD_g.at[bi, ci, pl.ds(e0, w)])
+        plgpu.copy_smem_to_gmem(vec_s.at[1], dbias_g.at[bi, ci, pl.ds(e0, w)])
         plgpu.wait_smem_to_gmem(0)
 
     b, c, e, L = plan.b, plan.n_chunks, plan.e_pad, plan.length_pad
@@ -354,12 +355,12 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
         jax.ShapeDtypeStruct((b, L, e), du_dtype),
         jax.ShapeDtypeStruct((b, L, e), dd_dtype),
     ]
-    scratch = [plgpu.SMEM((2, T, W), du_dtype), plgpu.SMEM((2, T, W), dd_dtype)]
+    scratch = [plgpu.SMEM((2, T, w), du_dtype), plgpu.SMEM((2, T, w), dd_dtype)]
     if has_z:
         out_type.append(jax.ShapeDtypeStruct((b, L, e), z.dtype))
-        scratch.append(plgpu.SMEM((2, T, W), z.dtype))
+        scratch.append(plgpu.SMEM((2, T, w), z.dtype))
     out_type += [
-        jax.ShapeDtypeStruct((b, plan.n_eblocks, c * tpc * T * 2 * n), f32),
+        jax.ShapeDtypeStruct((b, n_eblocks, c * tpc * T * 2 * n), f32),
         jax.ShapeDtypeStruct((b, c, e, n), f32),
         jax.ShapeDtypeStruct((b, c, e), f32),
         jax.ShapeDtypeStruct((b, c, e), f32),
@@ -367,11 +368,11 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
     ]
     scratch += [
         plgpu.SMEM((2, T * 2 * n), f32),
-        plgpu.SMEM((max(T // K - 1, 2), W, n), f32),
-        plgpu.SMEM((2, W), f32),
+        plgpu.SMEM((max(T // K - 1, 2), w, n), f32),
+        plgpu.SMEM((2, w), f32),
         # shuffle: each warp's partial sums for the tile. smem: the products of one round, rows
         # padded by 8 words so the WGMMA-layout loads spread over the banks.
-        plgpu.SMEM((W // 32, T * 2 * n), f32) if shuffle else plgpu.SMEM((2 * R * n, W + 8), f32),
+        plgpu.SMEM((W // 32, T * 2 * n), f32) if shuffle else plgpu.SMEM((2 * R * n, w + 8), f32),
     ]
     ops = (u, delta) + ((z,) if has_z else ()) + (B, C, gy, ckpt)
     ops += ((reset,) if has_reset else ()) + (A, D, bias, G_end)
@@ -379,7 +380,7 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
         kernel,
         out_type=tuple(out_type),
         scratch_types=scratch,
-        grid=(b, plan.n_eblocks, c),
+        grid=(b, n_eblocks, c),
         grid_names=("b", "e", "c"),
         compiler_params=cm.compiler_params(),
         interpret=cm.interpret_params(interpret),
@@ -416,7 +417,8 @@ def backward(u, delta, z, B, C, A, D, bias, ckpt, gy, gh, plan: cm.Plan, *,
     b, L, n, g = plan.b, plan.length_pad, plan.n_pad, plan.g
     R = dbc_round(plan)
     # (b, e_blocks, l_pad / R, 2, R, n) -> per group, blocks summed in a fixed order.
-    dbc = dbc.reshape(b, g, plan.eblocks_per_group, -1, 2, R, n).sum(2)
+    epg = plan.e_pad // cm.Lanes(plan.bwd_lanes, n).w // g
+    dbc = dbc.reshape(b, g, epg, -1, 2, R, n).sum(2)
     dbc = jnp.moveaxis(dbc, 3, 0).reshape(2, b, g, L, n)  # (2, b, g, l_pad, n)
     dC, dB = jnp.moveaxis(dbc, 2, 3)  # (b, l, g, n) each
     return (du, dd, dz, dB, dC, dAp.sum((0, 1)), dDp.sum((0, 1)), dbp.sum((0, 1)), dhs[:, 0])

@@ -95,6 +95,10 @@ INTERPRET_CASES = [
     # The default policy at a small size: the forward in one pass, the backward split in 3.
     (jnp.float32, 1, 21, 128, 16, 0, True, True, True, True, True,
      dict(split_below=1, stages=3)),
+    # Two threads per channel in the backward's main pass (64-channel blocks; 192 = 3 blocks).
+    (jnp.float32, 1, 21, 192, 16, 0, True, True, True, True, True, dict(chunks=2, bwd_lanes=2)),
+    (jnp.bfloat16, 2, 11, 128, 5, 2, True, False, True, False, True,
+     dict(chunks=1, bwd_lanes=2, sub=8)),
 ]  # fmt: skip
 
 
@@ -128,6 +132,14 @@ def test_block_sizes_bwd_reduce():
         pk.BlockSizes(bwd_reduce="atomic")
     with pytest.raises(ValueError, match="stages"):
         pk.BlockSizes(stages=1)
+    # Two lanes per channel: SMEM sums only, a whole tile's states in registers by default, and
+    # the backward's split counted in 64-channel blocks.
+    two = plan(16, bwd_lanes=2, bwd_reduce="shuffle", chunks=None)
+    assert (two.bwd_reduce, two.sub, two.bwd_lanes) == ("smem", 8, 2)
+    assert plan(16, target_blocks=8).bwd_chunks == 8
+    assert plan(16, target_blocks=8, bwd_lanes=2).bwd_chunks == 4
+    with pytest.raises(ValueError, match="bwd_lanes"):
+        pk.BlockSizes(bwd_lanes=4)
 
 
 @pytest.mark.parametrize(
@@ -264,6 +276,7 @@ def test_validation_names_argument(bad, match):
 # Compiled on a Hopper GPU (run through the device tool): larger, awkward shapes.
 
 SHUFFLE_SUM = pk.BlockSizes(bwd_reduce="shuffle")
+TWO_LANES = pk.BlockSizes(bwd_lanes=2, sub=8)
 GPU_CASES = [
     # dtype, b, L, e, n, groups, z, D, bias, h0, softplus, block sizes
     (jnp.bfloat16, 2, 1000, 384, 16, 0, True, True, True, False, True, None),
@@ -274,6 +287,9 @@ GPU_CASES = [
     (jnp.bfloat16, 1, 64, 160, 1, 0, True, True, True, True, True, None),
     (jnp.float32, 1, 70, 128, 256, 0, False, True, True, True, True, None),
     (jnp.bfloat16, 2, 1000, 384, 16, 0, True, True, True, True, True, SHUFFLE_SUM),
+    (jnp.bfloat16, 2, 1000, 320, 16, 0, True, True, True, True, True, TWO_LANES),
+    (jnp.float32, 1, 333, 200, 8, 2, True, True, True, True, True, TWO_LANES),
+    (jnp.float32, 1, 150, 128, 64, 0, True, True, True, True, True, TWO_LANES),
 ]
 
 
@@ -389,3 +405,25 @@ def test_remat_policy_keeps_the_named_checkpoints_and_runs_one_forward_kernel(mo
     once = forward_kernels(keep)
     assert once and set(once.values()) == {1}, once
     assert forward_kernels(jax.checkpoint_policies.nothing_saveable) == once + once
+
+
+@pytest.mark.parametrize(
+    "n, groups, segments", [(16, 0, False), (8, 2, True), (5, 1, False)], ids=str
+)
+def test_two_lane_backward_lowers_for_cuda(monkeypatch, n, groups, segments):
+    """BlockSizes(bwd_lanes=2) puts a channel's states on two threads through a custom Mosaic GPU
+    layout that interpret mode does not model: the whole fwd + bwd must lower for CUDA (on this
+    CPU machine), every state width and option included."""
+    monkeypatch.setattr(pk, "unsupported_reason", lambda **kw: None)  # lowering needs no device
+    xs = list(make_args(4, 2, 40, 256, n, groups, jnp.bfloat16, z=True).values())
+    seg = jnp.asarray(np.repeat([[0, 1]], 20, axis=1).repeat(2, axis=0)) if segments else None
+    bs = pk.BlockSizes(bwd_lanes=2, sub=8, chunks=2)
+
+    def loss(*xs):
+        y, h = pk.selective_scan_pallas(*xs[:8], delta_softplus=True, initial_state=xs[8],
+                                        block_sizes=bs, segment_ids=seg)  # fmt: skip
+        return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(h)
+
+    grad = jax.value_and_grad(loss, argnums=tuple(range(9)))
+    text = jax.jit(grad).trace(*xs).lower(lowering_platforms=("cuda",)).as_text()
+    assert "selective_scan_bwd_mosaic_gpu" in text

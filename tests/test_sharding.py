@@ -99,10 +99,10 @@ def _batch(b, length, seed=0):
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-def _train(mesh_config, train_config, steps=2, devices=None):
+def _train(mesh_config, train_config, steps=2, devices=None, model=MODEL):
     mesh = shd.make_mesh(mesh_config, jax.devices()[:devices] if devices else None)
     tx = trainer.make_optimizer(train_config)
-    graphdef, state, shardings = trainer.init_state(MODEL, tx, mesh, seed=0)
+    graphdef, state, shardings = trainer.init_state(model, tx, mesh, seed=0)
     step = trainer.make_train_step(graphdef, tx, train_config, shardings, mesh)
     losses = []
     for i in range(steps):
@@ -139,6 +139,21 @@ def test_sharded_step_equals_unsharded(assert_close, accum):
         assert len(kernel.addressable_shards) == 8
         assert kernel.addressable_shards[0].data.shape == (2, 32 // shape[1], 128 // shape[2])
     assert ref_losses[1] < ref_losses[0] + 0.5  # it trains, not just agrees
+
+
+def test_sharded_step_with_unrolled_layers_equals_the_scanned_one(assert_close):
+    """scan_layers=False (remat on, the scan kept in one layer of two) under FSDP x tensor
+    against the scanned model on one device."""
+    config = TrainConfig(steps=10, batch_size=8, seq_len=16, warmup_steps=1, lr=1e-2)
+    ref_losses, ref_params, _ = _train(MeshConfig(data=1, fsdp=1, tensor=1), config, devices=1)
+    unrolled = MODEL.replace(scan_layers=False, remat=True, remat_keep_scan=True,
+                             remat_keep_scan_layers=1)  # fmt: skip
+    losses, params, _ = _train(MeshConfig(2, 2, 2, 1), config, model=unrolled)
+    assert_close(np.asarray(losses), np.asarray(ref_losses), err_msg="loss")
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(ref_params)
+    ):
+        assert_close(a, b, grad=True, err_msg=jax.tree_util.keystr(path))
 
 
 def test_grad_accumulation_equals_one_big_batch(assert_close):
