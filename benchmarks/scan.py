@@ -353,7 +353,8 @@ def run_cuda(rivals, plan, seed, inner, reps):
 
 
 def parse_variants(text, reduces):
-    """[(label, BlockSizes or None)]: block sizes tile:sub[:chunks[:target_blocks[:bwd_lanes]]], each crossed
+    """[(label, BlockSizes or None)]: block sizes tile:sub[:chunks[:target_blocks[:bwd_lanes[:fwd_lanes]]]],
+    each crossed
     with the bwd_reduce methods; [("", None)] (the kernel's defaults) when neither is given."""
     import pallas_kernels
 
@@ -364,7 +365,7 @@ def parse_variants(text, reduces):
         kw = {}
         if item:
             values = [int(x) if x else None for x in item.split(":")]
-            names = ("tile", "sub", "chunks", "target_blocks", "bwd_lanes")
+            names = ("tile", "sub", "chunks", "target_blocks", "bwd_lanes", "fwd_lanes")
             kw = dict(zip(names, values, strict=False))
             kw = {k: v for k, v in kw.items() if v is not None or k in ("sub", "chunks")}
         for reduce in reduces or [None]:
@@ -439,7 +440,7 @@ def main(argv=None):
     parser.add_argument(
         "--variants",
         default="",
-        help="pallas block sizes tile:sub[:chunks[:target_blocks[:bwd_lanes]]],...",
+        help="pallas block sizes tile:sub[:chunks[:target_blocks[:bwd_lanes[:fwd_lanes]]]],...",
     )
     parser.add_argument(
         "--bwd-reduce",

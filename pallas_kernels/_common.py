@@ -43,6 +43,8 @@ class BlockSizes:
     unroll: token loops as straight-line code (static token indices), so the compiler overlaps
       the loads and exponentials of a tile's tokens; False keeps a loop per tile.
     stages: input tiles in flight in the TMA pipeline (max_concurrent_steps), at least 2.
+    fwd_lanes: threads per channel in the forward kernels, 1 or 2 (as bwd_lanes: 64-channel
+      blocks, so twice the blocks, and warps, for the same channels).
     bwd_lanes: threads per channel in the backward's main pass, 1 or 2. With 2, a block takes
       64 channels and each thread holds half of a channel's states, which halves the registers
       the states take (the pass is at the 255 cap with 1); per-channel work is done twice and
@@ -65,10 +67,12 @@ class BlockSizes:
     unroll: bool = True
     stages: int = 2
     bwd_lanes: int = 1
+    fwd_lanes: int = 1
 
     def __post_init__(self):
-        if self.bwd_lanes not in (1, 2):
-            raise ValueError(f"BlockSizes: bwd_lanes must be 1 or 2, got {self.bwd_lanes!r}")
+        for name in ("bwd_lanes", "fwd_lanes"):
+            if getattr(self, name) not in (1, 2):
+                raise ValueError(f"BlockSizes: {name} must be 1 or 2, got {getattr(self, name)!r}")
         if self.stages < 2:
             raise ValueError(f"BlockSizes: stages={self.stages} must be at least 2")
         if self.sub is not None and (self.tile < 1 or self.sub < 1 or self.tile % self.sub):
@@ -100,6 +104,7 @@ class Plan:
     stages: int = 2  # pipeline depth of the input tiles (max_concurrent_steps)
     bwd_chunks: int = 1  # sequence chunks of the backward (n_chunks is the forward's)
     bwd_lanes: int = 1  # threads per channel in the backward's main pass (BlockSizes)
+    fwd_lanes: int = 1  # threads per channel in the forward kernels (BlockSizes)
 
     def backward(self):
         """The plan the backward kernels run under: the same tiles, its own chunks."""
@@ -146,14 +151,16 @@ def make_plan(b, length, e, n, g, block_sizes: BlockSizes) -> Plan:
     # it would spill into the next batch row.) Take the divisor of n_tiles nearest the target.
     divisors = [d for d in range(1, n_tiles + 1) if n_tiles % d == 0]
     nearest = lambda c: min(divisors, key=lambda d: (abs(math.log(d / c)), -d))
-    split = nearest(max(1, -(-block_sizes.target_blocks // blocks)))
+    # The forward's blocks are 64 channels wide with fwd_lanes 2, 128 otherwise.
+    fwd_blocks = blocks * block_sizes.fwd_lanes
+    split = nearest(max(1, -(-block_sizes.target_blocks // fwd_blocks)))
     if block_sizes.chunks is not None:
         chunks = bwd_chunks = nearest(block_sizes.chunks)
     else:
         # The forward runs in one pass (no state pre-pass, no combine, every exponential once)
         # when batch x channel blocks alone come near to filling the GPU; the backward, at the
         # register cap with two blocks per SM, always splits (NOTES.md, variants 5-6).
-        chunks = 1 if blocks >= block_sizes.split_below > 0 else split
+        chunks = 1 if fwd_blocks >= block_sizes.split_below > 0 else split
         # The backward's main pass counts blocks of its own width (64 channels with 2 lanes).
         bwd_blocks = blocks * block_sizes.bwd_lanes
         bwd_chunks = nearest(max(1, -(-block_sizes.target_blocks // bwd_blocks)))
@@ -163,7 +170,7 @@ def make_plan(b, length, e, n, g, block_sizes: BlockSizes) -> Plan:
         reduce = "smem"
     return Plan(b, length, e, n, g, g * p_pad, n_pad, tile, sub, n_tiles, tiles_per_chunk,
                 chunks, n_split, reduce, block_sizes.unroll, block_sizes.stages,
-                bwd_chunks, block_sizes.bwd_lanes)  # fmt: skip
+                bwd_chunks, block_sizes.bwd_lanes, block_sizes.fwd_lanes)  # fmt: skip
 
 
 def pad_channels(x, plan: Plan, axis):

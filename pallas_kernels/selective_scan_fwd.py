@@ -1,9 +1,10 @@
 """Forward selective-scan kernels (Mosaic GPU, Hopper).
 
-Grid (b, e / W, chunks). A block owns W = 128 channels of one batch row and one sequence chunk.
-  HBM  -> SMEM: T-token tiles of u, delta, z (T, W) and B, C (T, n), TMA, double buffered.
-  regs:        the (W, n) state h and A (one row per thread), D and delta_bias (one per thread).
-  SMEM -> HBM: y tiles (T, W), the chunk's end state, and (training) the state at each tile start.
+Grid (b, e / w, chunks). A block owns w channels (128; 64 with BlockSizes(fwd_lanes=2), two
+threads per channel, cm.Lanes) of one batch row and one sequence chunk.
+  HBM  -> SMEM: T-token tiles of u, delta, z (T, w) and B, C (T, n), TMA, double buffered.
+  regs:        the (w, n) state h and A (a row, or half a row, per thread), D and delta_bias.
+  SMEM -> HBM: y tiles (T, w), the chunk's end state, and (training) the state at each tile start.
 The (b, l, e, n) states never leave registers.
 
 Sequence chunks run in parallel in two passes. A chunk maps its start state affinely,
@@ -27,25 +28,26 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _common as cm
-from pallas_kernels._common import W
 
 
 def _chunk_tiles(plan, ci):
     return ci * plan.tiles_per_chunk
 
 
-def _step_inputs(plan, refs, t, tile_idx, bias, delta_softplus):
-    """Loads token t of the current tile and discretizes delta. Returns (dt, u) as (W,) f32."""
+def _step_inputs(plan, lay, refs, t, tile_idx, bias, delta_softplus):
+    """Loads token t of the current tile and discretizes delta. Returns (dt, u) as (w,) f32."""
     u_s, d_s = refs
     valid = tile_idx * plan.tile + t < plan.length
-    dt, _ = cm.discretize(cm.load_row(d_s.at[t]), bias, valid, delta_softplus)
-    return dt, cm.load_row(u_s.at[t])
+    dt, _ = cm.discretize(lay.load_row(d_s.at[t]), bias, valid, delta_softplus)
+    return dt, lay.load_row(u_s.at[t])
 
 
 def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, reset=None, interpret=False):
     """Pass 1: every chunk from a zero state. Returns h_local (b, c, e, n) f32, sum dt (b, c, e)."""
     T, n = plan.tile, plan.n_pad
-    epg = plan.eblocks_per_group
+    lay = cm.Lanes(plan.fwd_lanes, n)
+    w, n_eblocks = lay.w, plan.e_pad // lay.w
+    epg = n_eblocks // plan.g
     has_reset = reset is not None
 
     def kernel(*refs):
@@ -53,9 +55,9 @@ def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, reset=Non
         R_g = refs[3] if has_reset else None
         A_g, bias_g, hloc_g, dts_g, h_s, dts_s = refs[3 + has_reset :]
         bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
-        e0 = pl.multiple_of(eb * W, W)
-        A_r = cm.load_state(A_g.at[pl.ds(e0, W)])  # (W, n) regs
-        bias = cm.load_row(bias_g.at[pl.ds(e0, W)])
+        e0 = pl.multiple_of(eb * w, w)
+        A_r = lay.load_state(A_g.at[pl.ds(e0, w)])  # (w, n) regs
+        bias = lay.load_row(bias_g.at[pl.ds(e0, w)])
         tile0 = _chunk_tiles(plan, ci)
 
         def body(idx, *srefs):
@@ -64,10 +66,10 @@ def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, reset=Non
 
             def step(t, carry):
                 h, dts = carry
-                dt, uu = _step_inputs(plan, (u_s, d_s), t, tile_idx, bias, delta_softplus)
-                Bt = cm.load_col(B_s.at[t])  # (n,)
+                dt, uu = _step_inputs(plan, lay, (u_s, d_s), t, tile_idx, bias, delta_softplus)
+                Bt = lay.load_col(B_s.at[t])  # (n,)
                 rt = cm.load_reset(R_s, t) if has_reset else None
-                h = cm.decay(dt, A_r, n, rt) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
+                h = lay.decay(dt, A_r, rt) * h + lay.rows(dt * uu) * lay.cols(Bt)
                 return h, dts + dt
 
             carry = cm.token_loop(T, step, carry, plan.unroll)
@@ -76,8 +78,8 @@ def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, reset=Non
             return carry
 
         in_specs = [
-            pl.BlockSpec((None, T, W), lambda i: (bi, tile0 + i, eb)),
-            pl.BlockSpec((None, T, W), lambda i: (bi, tile0 + i, eb)),
+            pl.BlockSpec((None, T, w), lambda i: (bi, tile0 + i, eb)),
+            pl.BlockSpec((None, T, w), lambda i: (bi, tile0 + i, eb)),
             pl.BlockSpec((None, T, None, n), lambda i: (bi, tile0 + i, eb // epg, 0)),
         ]
         if has_reset:
@@ -87,13 +89,13 @@ def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, reset=Non
             grid=(plan.tiles_per_chunk,),
             in_specs=in_specs,
             max_concurrent_steps=plan.stages,
-            init_carry=(cm.zeros_state(n), cm.zeros_row()),
+            init_carry=(lay.zeros_state(), lay.zeros_row()),
         )(u_g, d_g, B_g, *([R_g] if has_reset else []))
         h_s[...] = h
         dts_s[...] = dts
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(h_s, hloc_g.at[bi, ci, pl.ds(e0, W)])
-        plgpu.copy_smem_to_gmem(dts_s, dts_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.copy_smem_to_gmem(h_s, hloc_g.at[bi, ci, pl.ds(e0, w)])
+        plgpu.copy_smem_to_gmem(dts_s, dts_g.at[bi, ci, pl.ds(e0, w)])
         plgpu.wait_smem_to_gmem(0)
 
     b, c, e = plan.b, plan.n_chunks, plan.e_pad
@@ -103,8 +105,8 @@ def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, reset=Non
             jax.ShapeDtypeStruct((b, c, e, n), jnp.float32),
             jax.ShapeDtypeStruct((b, c, e), jnp.float32),
         ),
-        scratch_types=[plgpu.SMEM((W, n), jnp.float32), plgpu.SMEM((W,), jnp.float32)],
-        grid=(b, plan.n_eblocks, c),
+        scratch_types=[plgpu.SMEM((w, n), jnp.float32), plgpu.SMEM((w,), jnp.float32)],
+        grid=(b, n_eblocks, c),
         grid_names=("b", "e", "c"),
         compiler_params=cm.compiler_params(),
         interpret=cm.interpret_params(interpret),
@@ -119,7 +121,9 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
     Returns y (b, l, e) in y_dtype (default u.dtype), the state after each chunk (b, c, e, n), and with
     save_checkpoints the state at each tile start (b, c * tiles_per_chunk, e, n), all f32."""
     T, n = plan.tile, plan.n_pad
-    epg = plan.eblocks_per_group
+    lay = cm.Lanes(plan.fwd_lanes, n)
+    w, n_eblocks = lay.w, plan.e_pad // lay.w
+    epg = n_eblocks // plan.g
     has_z = z is not None
     has_reset = reset is not None
     y_dtype = jnp.dtype(y_dtype or u.dtype)
@@ -138,11 +142,11 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
         ck_s = next(it) if save_checkpoints else None
 
         bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
-        e0 = pl.multiple_of(eb * W, W)
-        A_r = cm.load_state(A_g.at[pl.ds(e0, W)])
-        Dv = cm.load_row(D_g.at[pl.ds(e0, W)])
-        bias = cm.load_row(bias_g.at[pl.ds(e0, W)])
-        h0 = cm.load_state(hst_g.at[bi, ci, pl.ds(e0, W)])
+        e0 = pl.multiple_of(eb * w, w)
+        A_r = lay.load_state(A_g.at[pl.ds(e0, w)])
+        Dv = lay.load_row(D_g.at[pl.ds(e0, w)])
+        bias = lay.load_row(bias_g.at[pl.ds(e0, w)])
+        h0 = lay.load_state(hst_g.at[bi, ci, pl.ds(e0, w)])
         tile0 = _chunk_tiles(plan, ci)
 
         def body(idx, *srefs):
@@ -162,13 +166,13 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
 
             def step(t, carry):
                 h, out = carry
-                dt, uu = _step_inputs(plan, (u_s, d_s), t, tile_idx, bias, delta_softplus)
-                Bt, Ct = cm.load_col(B_s.at[t]), cm.load_col(C_s.at[t])  # (n,)
+                dt, uu = _step_inputs(plan, lay, (u_s, d_s), t, tile_idx, bias, delta_softplus)
+                Bt, Ct = lay.load_col(B_s.at[t]), lay.load_col(C_s.at[t])  # (n,)
                 rt = cm.load_reset(R_s, t) if has_reset else None
-                h = cm.decay(dt, A_r, n, rt) * h + cm.rows(dt * uu, n) * cm.cols(Bt)
-                y = jnp.sum(h * cm.cols(Ct), axis=1) + Dv * uu  # (W,)
+                h = lay.decay(dt, A_r, rt) * h + lay.rows(dt * uu) * lay.cols(Bt)
+                y = jnp.sum(h * lay.cols(Ct), axis=1) + Dv * uu  # (w,)
                 if has_z:
-                    zz = cm.load_row(z_s.at[t])
+                    zz = lay.load_row(z_s.at[t])
                     y = y * zz * cm.sigmoid(zz)
                 if plan.unroll:  # stored after the tile: no SMEM store between the loads
                     return h, out + (y.astype(ys.dtype),)
@@ -179,12 +183,12 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
             for t, y in enumerate(out):
                 ys[t] = y
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(ys, y_g.at[bi, pl.ds(tile_idx * T, T), pl.ds(e0, W)])
+            plgpu.copy_smem_to_gmem(ys, y_g.at[bi, pl.ds(tile_idx * T, T), pl.ds(e0, w)])
             if save_checkpoints:
-                plgpu.copy_smem_to_gmem(ck_s.at[slot], ck_g.at[bi, tile_idx, pl.ds(e0, W)])
+                plgpu.copy_smem_to_gmem(ck_s.at[slot], ck_g.at[bi, tile_idx, pl.ds(e0, w)])
             return h_new
 
-        tok_spec = pl.BlockSpec((None, T, W), lambda i: (bi, tile0 + i, eb))
+        tok_spec = pl.BlockSpec((None, T, w), lambda i: (bi, tile0 + i, eb))
         bc_spec = pl.BlockSpec((None, T, None, n), lambda i: (bi, tile0 + i, eb // epg, 0))
         in_specs = [tok_spec, tok_spec] + ([tok_spec] if has_z else []) + [bc_spec, bc_spec]
         operands = (u_g, d_g) + ((z_g,) if has_z else ()) + (B_g, C_g)
@@ -201,7 +205,7 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
         plgpu.wait_smem_to_gmem(0)
         h_s[...] = h
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(h_s, hend_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.copy_smem_to_gmem(h_s, hend_g.at[bi, ci, pl.ds(e0, w)])
         plgpu.wait_smem_to_gmem(0)
 
     b, c, e = plan.b, plan.n_chunks, plan.e_pad
@@ -210,17 +214,17 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
         jax.ShapeDtypeStruct((b, plan.length_pad, e), y_dtype),
         jax.ShapeDtypeStruct((b, c, e, n), jnp.float32),
     ]
-    scratch = [plgpu.SMEM((2, T, W), y_dtype), plgpu.SMEM((W, n), jnp.float32)]
+    scratch = [plgpu.SMEM((2, T, w), y_dtype), plgpu.SMEM((w, n), jnp.float32)]
     if save_checkpoints:
         out_type.append(jax.ShapeDtypeStruct((b, n_ck, e, n), jnp.float32))
-        scratch.append(plgpu.SMEM((2, W, n), jnp.float32))
+        scratch.append(plgpu.SMEM((2, w, n), jnp.float32))
     operands = (u, delta) + ((z,) if has_z else ()) + (B, C) + ((reset,) if has_reset else ())
     operands += (A, D, bias, h_start)
     return plgpu.kernel(
         kernel,
         out_type=tuple(out_type),
         scratch_types=scratch,
-        grid=(b, plan.n_eblocks, c),
+        grid=(b, n_eblocks, c),
         grid_names=("b", "e", "c"),
         compiler_params=cm.compiler_params(),
         interpret=cm.interpret_params(interpret),

@@ -98,7 +98,8 @@ INTERPRET_CASES = [
     # Two threads per channel in the backward's main pass (64-channel blocks; 192 = 3 blocks).
     (jnp.float32, 1, 21, 192, 16, 0, True, True, True, True, True, dict(chunks=2, bwd_lanes=2)),
     (jnp.bfloat16, 2, 11, 128, 5, 2, True, False, True, False, True,
-     dict(chunks=1, bwd_lanes=2, sub=8)),
+     dict(chunks=1, bwd_lanes=2, sub=8, fwd_lanes=2)),
+    (jnp.float16, 1, 19, 192, 16, 0, True, True, True, True, True, dict(chunks=2, fwd_lanes=2)),
 ]  # fmt: skip
 
 
@@ -140,6 +141,11 @@ def test_block_sizes_bwd_reduce():
     assert plan(16, target_blocks=8, bwd_lanes=2).bwd_chunks == 4
     with pytest.raises(ValueError, match="bwd_lanes"):
         pk.BlockSizes(bwd_lanes=4)
+    with pytest.raises(ValueError, match="fwd_lanes"):
+        pk.BlockSizes(fwd_lanes=0)
+    # The forward counts its own blocks too: 64 channels wide, 2 x 64 >= split_below = 2.
+    assert plan(16, split_below=2).n_chunks > 1
+    assert plan(16, split_below=2, fwd_lanes=2).n_chunks == 1
 
 
 @pytest.mark.parametrize(
@@ -276,7 +282,7 @@ def test_validation_names_argument(bad, match):
 # Compiled on a Hopper GPU (run through the device tool): larger, awkward shapes.
 
 SHUFFLE_SUM = pk.BlockSizes(bwd_reduce="shuffle")
-TWO_LANES = pk.BlockSizes(bwd_lanes=2, sub=8)
+TWO_LANES = pk.BlockSizes(bwd_lanes=2, sub=8, fwd_lanes=2)
 GPU_CASES = [
     # dtype, b, L, e, n, groups, z, D, bias, h0, softplus, block sizes
     (jnp.bfloat16, 2, 1000, 384, 16, 0, True, True, True, False, True, None),
@@ -411,13 +417,13 @@ def test_remat_policy_keeps_the_named_checkpoints_and_runs_one_forward_kernel(mo
     "n, groups, segments", [(16, 0, False), (8, 2, True), (5, 1, False)], ids=str
 )
 def test_two_lane_backward_lowers_for_cuda(monkeypatch, n, groups, segments):
-    """BlockSizes(bwd_lanes=2) puts a channel's states on two threads through a custom Mosaic GPU
-    layout that interpret mode does not model: the whole fwd + bwd must lower for CUDA (on this
-    CPU machine), every state width and option included."""
+    """BlockSizes(fwd_lanes=2, bwd_lanes=2) put a channel's states on two threads through a custom
+    Mosaic GPU layout that interpret mode does not model: the whole fwd + bwd (split forward
+    included) must lower for CUDA (on this CPU machine), every state width and option included."""
     monkeypatch.setattr(pk, "unsupported_reason", lambda **kw: None)  # lowering needs no device
     xs = list(make_args(4, 2, 40, 256, n, groups, jnp.bfloat16, z=True).values())
     seg = jnp.asarray(np.repeat([[0, 1]], 20, axis=1).repeat(2, axis=0)) if segments else None
-    bs = pk.BlockSizes(bwd_lanes=2, sub=8, chunks=2)
+    bs = pk.BlockSizes(bwd_lanes=2, sub=8, chunks=2, fwd_lanes=2)
 
     def loss(*xs):
         y, h = pk.selective_scan_pallas(*xs[:8], delta_softplus=True, initial_state=xs[8],
