@@ -353,9 +353,9 @@ def run_cuda(rivals, plan, seed, inner, reps):
 
 
 def parse_variants(text, reduces):
-    """[(label, BlockSizes or None)]: block sizes tile:sub[:chunks[:target_blocks[:bwd_lanes[:fwd_lanes]]]],
-    each crossed
-    with the bwd_reduce methods; [("", None)] (the kernel's defaults) when neither is given."""
+    """[(label, BlockSizes or None)]: block sizes
+    tile:sub[:chunks[:target_blocks[:bwd_lanes[:fwd_lanes]]]], each crossed with the bwd_reduce
+    methods; [("", None)] (the kernel's defaults) when neither is given."""
     import pallas_kernels
 
     if not text and not reduces:
