@@ -4,10 +4,13 @@ step (forward, backward, AdamW) on random tokens, beside the rivals' trainers in
     python benchmarks/train_throughput.py                        # 130m b16 and 1.4b b8 at L 2048
     python benchmarks/train_throughput.py --rivals .anchors      # + mamba_ssm and jla, same run
     python benchmarks/train_throughput.py --models 130m --batch 16 --remat 130m --profile
+    python benchmarks/train_throughput.py --models 1.4b --batch 8 --keep-scan 1.4b \
+        --keep-scan-layers 20 --also-layers 1.4b    # the scan kept in 20 layers; scanned too
     python benchmarks/train_throughput.py --tiny                 # CPU check of the script, seconds
 
 The models are the presets configs/mamba_130m.yaml and configs/mamba_1.4b.yaml (bf16 compute,
-fp32 params; remat as `--remat` says, default both), trained with one micro-batch per step. Each
+fp32 params; remat as `--remat` says, default both; layers unrolled or scanned as the preset
+says, or as `--layers` forces), trained with one micro-batch per step. Each
 of our rows runs in a subprocess of its own, so its peak memory is its own. `--reference` adds a
 row trained with the plain loss (whole float32 logits and optax's cross-entropy) from the same
 initial state on the same batches: its losses must match ours step by step (`max_loss_diff`).
