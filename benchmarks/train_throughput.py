@@ -369,8 +369,10 @@ def main(argv=None):
                                      profile=False))  # fmt: skip
         if model in args.also_layers.split(","):
             flipped = not _model_config(model, args, remat, keep, layers).scan_layers
-            specs.append(base | dict(remat=remat, scan_layers=flipped, loss="chunked",
-                                     profile=False))  # fmt: skip
+            # Scanned layers all run one policy: the scan kept in all of them or none.
+            keep_layers = None if flipped else args.keep_scan_layers
+            specs.append(base | dict(remat=remat, scan_layers=flipped, keep_layers=keep_layers,
+                                     loss="chunked", profile=False))  # fmt: skip
         if model in args.reference.split(","):
             specs.append(base | dict(remat=remat, loss="plain", profile=False))
     # Ours first (one row per model), then the rivals, then the extra variants of ours.
