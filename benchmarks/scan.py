@@ -5,6 +5,8 @@
     python benchmarks/scan.py --shapes S1 --impls pallas --variants 16:4,32:8 --bwd-reduce smem,shuffle
     python benchmarks/scan.py --shapes 2x256x300 --impls associative,reference --no-n64   # CPU
     python benchmarks/scan.py --impls pallas,pallas+segments --no-n64   # the cost of segment_ids
+    python benchmarks/scan.py --shapes S1,S2 --impls triton --no-n64 \
+        --triton-variants "min_programs=4096 target_warps=2112,fwd_channels=8"
 
 Shapes (b, e, L): S1 8x1536x2048 (130m-class training), S2 4x4096x2048 (1.4b-class training),
 S3 2x2048x16384 (long context), S4 1x1536x131072 (very long, batch 1), or any BxExL. bf16 u,
@@ -147,6 +149,12 @@ def jax_scan_fn(impl, block_sizes=None):
         return lambda u, *a: base(u, *a, segment_ids=segment_ids(u.shape[0], u.shape[1]))
     if impl == "pallas":
         return lambda *a, **kw: pallas_kernels.selective_scan_pallas(
+            *a, delta_softplus=True, block_sizes=block_sizes, **kw
+        )[0]
+    if impl == "triton" and block_sizes is not None:
+        from pallas_kernels import triton_scan
+
+        return lambda *a, **kw: triton_scan.selective_scan_triton(
             *a, delta_softplus=True, block_sizes=block_sizes, **kw
         )[0]
     if impl == "jla":
@@ -375,6 +383,20 @@ def parse_variants(text, reduces):
     return out
 
 
+def parse_triton_variants(text):
+    """[(label, TritonBlockSizes or None)] from "key=value key=value,...": the Triton kernel's
+    block sizes, one variant per comma-separated item; [("", None)] (its defaults) if empty."""
+    if not text:
+        return [("", None)]
+    from pallas_kernels.triton_scan import TritonBlockSizes
+
+    out = []
+    for item in text.split(","):
+        kw = {k: int(v) for k, v in (pair.split("=") for pair in item.split())}
+        out.append((" ".join(f"{k}={v}" for k, v in kw.items()), TritonBlockSizes(**kw)))
+    return out
+
+
 def print_table(rows, device, jax_version, inner, reps):
     print(
         f"\nselective scan, {device}, jax {jax_version}, bf16, ms per call "
@@ -443,6 +465,11 @@ def main(argv=None):
         help="pallas block sizes tile:sub[:chunks[:target_blocks[:bwd_lanes[:fwd_lanes]]]],...",
     )
     parser.add_argument(
+        "--triton-variants",
+        default="",
+        help='triton block sizes, "key=value key=value,..." (TritonBlockSizes fields)',
+    )
+    parser.add_argument(
         "--bwd-reduce",
         default="",
         help="pallas backward dB/dC channel-sum methods to compare (smem,shuffle)",
@@ -482,6 +509,7 @@ def main(argv=None):
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
     reduces = [r for r in args.bwd_reduce.split(",") if r]
     variants = parse_variants(args.variants, reduces) if "pallas" in impls else [("", None)]
+    triton_variants = parse_triton_variants(args.triton_variants)
 
     # The CUDA kernel runs first, in its own process, before JAX takes the GPU's memory.
     cuda, cuda_info = ({}, None)
@@ -505,6 +533,7 @@ def main(argv=None):
         "d_state_64": None if args.no_n64 else shapes[0][0],
         "impls": impls,
         "variants": [label for label, _ in variants],
+        "triton_variants": [label for label, _ in triton_variants],
         "dtype": "bfloat16",
         "inner": args.inner,
         "reps": args.reps,
@@ -537,7 +566,8 @@ def main(argv=None):
 
     for name, b, e, length, n in plan:
         for impl in impls:
-            for label, bs in variants if impl == "pallas" else [("", None)]:
+            own = {"pallas": variants, "triton": triton_variants}
+            for label, bs in own.get(impl, [("", None)]):
                 row = {"shape": name, "batch": b, "d_inner": e, "length": length, "d_state": n}
                 row.update(
                     {"impl": "ours", "scan_impl": impl, "variant": label}

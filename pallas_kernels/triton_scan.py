@@ -69,7 +69,8 @@ class TritonBlockSizes:
       (more, smaller programs; cheaper channel sums of dB and dC, dearer per-channel work).
     fwd_warps, bwd_warps: warps per program (None: one, more for very large tiles).
     min_programs: below this many warps (batch x channel blocks x warps) the sequence is split
-      across programs, towards TARGET_WARPS (each split costs one extra pass over its tokens).
+      across programs, towards target_warps (each split costs one extra pass over its tokens).
+    target_warps: the warps a split aims for (default TARGET_WARPS, one per H200 scheduler).
     min_split_chunks: a split is never shorter than this many chunks.
     """
 
@@ -82,12 +83,15 @@ class TritonBlockSizes:
     num_stages: int = 1
     min_programs: int = 256
     min_split_chunks: int = 8
+    target_warps: int = TARGET_WARPS
 
     def __post_init__(self):
         for name in ("chunk", "fwd_chunk", "fwd_channels", "bwd_channels"):
             v = getattr(self, name)
             if v is not None and (v < 2 or v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two >= 2, got {v}")
+        if self.target_warps < 1:
+            raise ValueError(f"target_warps must be positive, got {self.target_warps}")
         for name in ("fwd_warps", "bwd_warps"):
             v = getattr(self, name)
             if v is not None and (v < 1 or v & (v - 1)):
@@ -146,7 +150,7 @@ def _chunks_per_split(warps, n_chunks, bs):
     """Split the sequence only when the programs cannot fill the GPU."""
     if warps >= bs.min_programs:
         return n_chunks
-    splits = min(-(-TARGET_WARPS // warps), max(1, n_chunks // bs.min_split_chunks))
+    splits = min(-(-bs.target_warps // warps), max(1, n_chunks // bs.min_split_chunks))
     return -(-n_chunks // max(1, splits))
 
 

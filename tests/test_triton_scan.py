@@ -112,6 +112,8 @@ def test_block_sizes_validation():
         ts.TritonBlockSizes(bwd_channels=1)
     with pytest.raises(ValueError, match="fwd_warps"):
         ts.TritonBlockSizes(fwd_warps=3)
+    with pytest.raises(ValueError, match="target_warps"):
+        ts.TritonBlockSizes(target_warps=0)
 
 
 def test_unsupported_reason_sizes():
@@ -165,6 +167,11 @@ def test_default_plan(b, e, length, splits):
                         has_seg=False, interpret=False)  # fmt: skip
     assert plan.n_splits(plan.bwd_split) == splits
     assert plan.n_chunks * plan.chunk >= length
+    # A larger target (four warps per scheduler) splits S1 and S2 too, only below min_programs.
+    more = ts.TritonBlockSizes(min_programs=4096, target_warps=2112)
+    p = ts.make_plan(b, length, e, 16, 1, more, softplus=True, has_z=True, has_seg=False,
+                     interpret=False)  # fmt: skip
+    assert p.n_splits(p.bwd_split) > splits
     for n in (1, 3, 64, 256):
         p = ts.make_plan(b, length, e, n, 1, ts.TritonBlockSizes(), softplus=True, has_z=True,
                          has_seg=False, interpret=False)  # fmt: skip
