@@ -36,6 +36,7 @@ prints a table, and last each rival's time over ours (> 1: ours is faster).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -390,9 +391,16 @@ def parse_triton_variants(text):
         return [("", None)]
     from pallas_kernels.triton_scan import TritonBlockSizes
 
+    fields = {f.name for f in dataclasses.fields(TritonBlockSizes)}
     out = []
     for item in text.split(","):
-        kw = {k: int(v) for k, v in (pair.split("=") for pair in item.split())}
+        kw = {}
+        for pair in item.split():
+            key, _, value = pair.partition("=")
+            if key not in fields or not value.lstrip("-").isdigit():
+                raise ValueError(f"--triton-variants: {pair!r} is not key=integer with key "
+                                 f"among {sorted(fields)}")  # fmt: skip
+            kw[key] = int(value)
         out.append((" ".join(f"{k}={v}" for k, v in kw.items()), TritonBlockSizes(**kw)))
     return out
 

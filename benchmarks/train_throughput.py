@@ -75,9 +75,8 @@ def _model_config(name, args, remat, keep_scan=False, scan_layers=None, keep_lay
 
 def measure(spec: dict) -> dict:
     """spec: {model, batch, length, steps, warmup, remat, keep_scan (MambaConfig.remat_keep_scan),
-    scan_layers (MambaConfig.scan_layers), keep_layers (remat_keep_scan_layers; None: the
-    preset's, for both),
-    loss ("chunked" | "plain"), scan_impl, profile}. Returns the row."""
+    scan_layers and keep_layers (MambaConfig.scan_layers and remat_keep_scan_layers; None: the
+    preset's), loss ("chunked" | "plain"), scan_impl, profile}. Returns the row."""
     import jax
     import numpy as np
 

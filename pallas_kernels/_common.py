@@ -257,58 +257,21 @@ class Lanes:
         return plgpu.layout_cast(jnp.zeros((self.w,), jnp.float32), self.row)
 
     def decay(self, dt, A_r, reset=None):
-        """`decay` in this mapping."""
+        """exp(dt A) = exp2(dt A'), (w, n), with A_r = A' = A log2(e) pre-scaled.
+
+        reset: None, or the token's segment reset offset (`load_reset`), a scalar every thread
+        reads: 0, or -inf where a new segment starts. exp2(dt A' - inf) = 0 zeroes the decay
+        there, so the state restarts from zero (forward) and the adjoint stops (backward); dt A'
+        + reset is one FMA where dt A' was one FMUL, so the reset costs no arithmetic, only one
+        scalar SMEM load."""
         x = self.rows(dt) * A_r
         if reset is not None:
             x = x + reset
         return jnp.exp2(x)
 
 
-def rows(x, n):
-    """(W,) per-thread scalar -> (W, n), broadcast along the thread's own state row."""
-    return Lanes(1, n).rows(x)
-
-
-def cols(x):
-    """(n,) vector every thread holds -> (W, n)."""
-    return Lanes(1, x.shape[0]).cols(x)
-
-
-def load_row(ref):
-    return plgpu.load(ref, layout=ROW, optimized=False).astype(jnp.float32)
-
-
-def load_col(ref):
-    return plgpu.load(ref, layout=COL, optimized=False).astype(jnp.float32)
-
-
-def load_state(ref):
-    return plgpu.load(ref, layout=STATE, optimized=False).astype(jnp.float32)
-
-
-def zeros_state(n):
-    return Lanes(1, n).zeros_state()
-
-
-def zeros_row():
-    return plgpu.layout_cast(jnp.zeros((W,), jnp.float32), ROW)
-
-
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-def decay(dt, A_r, n, reset=None):
-    """exp(dt A) = exp2(dt A'), (W, n), with A_r = A' = A log2(e) pre-scaled.
-
-    reset: None, or the token's segment reset offset (`load_reset`), a scalar every thread reads:
-    0, or -inf where a new segment starts. exp2(dt A' - inf) = 0 zeroes the decay there, so the
-    state restarts from zero (forward) and the adjoint stops (backward); dt A' + reset is one FMA
-    where dt A' was one FMUL, so the reset costs no arithmetic, only one scalar SMEM load."""
-    x = rows(dt, n) * A_r
-    if reset is not None:
-        x = x + reset
-    return jnp.exp2(x)
 
 
 def load_reset(ref, t):

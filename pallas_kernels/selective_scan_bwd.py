@@ -96,6 +96,7 @@ def adjoint_pass(
     """Pass 1: each chunk backwards from G = 0. Returns G at each chunk's start (b, c, e, n) and
     each chunk's sum of dt (b, c, e), which gives the chunk's decay exp(A sum dt)."""
     T, n = plan.tile, plan.n_pad
+    lay = cm.Lanes(1, n)  # the adjoint pass always runs 128-channel blocks
     epg, tpc = plan.eblocks_per_group, plan.tiles_per_chunk
     has_z = z is not None
     has_reset = reset is not None
@@ -109,8 +110,8 @@ def adjoint_pass(
         A_g, bias_g, gloc_g, dts_g, g_s, dts_s = (next(it) for _ in range(6))
         bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
         e0 = pl.multiple_of(eb * W, W)
-        A_r = cm.load_state(A_g.at[pl.ds(e0, W)])
-        bias = cm.load_row(bias_g.at[pl.ds(e0, W)])
+        A_r = lay.load_state(A_g.at[pl.ds(e0, W)])
+        bias = lay.load_row(bias_g.at[pl.ds(e0, W)])
         last = ci * tpc + tpc - 1
 
         def body(idx, *srefs):
@@ -126,14 +127,14 @@ def adjoint_pass(
                 G, dts = carry
                 t = T - 1 - i
                 valid = tile_idx * T + t < plan.length
-                dt, _ = cm.discretize(cm.load_row(d_s.at[t]), bias, valid, delta_softplus)
-                gys = cm.load_row(gy_s.at[t])
+                dt, _ = cm.discretize(lay.load_row(d_s.at[t]), bias, valid, delta_softplus)
+                gys = lay.load_row(gy_s.at[t])
                 if has_z:
-                    zz = cm.load_row(z_s.at[t])
+                    zz = lay.load_row(z_s.at[t])
                     gys = gys * zz * cm.sigmoid(zz)
-                lam = G + cm.rows(gys, n) * cm.cols(cm.load_col(C_s.at[t]))
+                lam = G + lay.rows(gys) * lay.cols(lay.load_col(C_s.at[t]))
                 rt = cm.load_reset(R_s, t) if has_reset else None
-                return cm.decay(dt, A_r, n, rt) * lam, dts + dt
+                return lay.decay(dt, A_r, rt) * lam, dts + dt
 
             carry = cm.token_loop(T, step, carry, plan.unroll)
             # The pipeline refills this SMEM slot right after the body: all warps must be done.
@@ -152,7 +153,7 @@ def adjoint_pass(
             grid=(tpc,),
             in_specs=specs,
             max_concurrent_steps=plan.stages,
-            init_carry=(cm.zeros_state(n), cm.zeros_row()),
+            init_carry=(lay.zeros_state(), lay.zeros_row()),
         )(*ops)
         g_s[...] = G
         dts_s[...] = dts

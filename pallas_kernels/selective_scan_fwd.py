@@ -15,7 +15,7 @@ With one chunk, pass 1 is skipped.
 
 Packed sequences (segment ids): `reset` (b, l_pad, 4) holds 0, or -inf where a new segment
 starts; each token's value is read from SMEM as a scalar and added to the decay's exponent
-(cm.decay), so the state restarts from zero there. A chunk with a reset inside has no dependence on its start state: its combine
+(cm.Lanes.decay), so the state restarts from zero there. A chunk with a reset inside has no dependence on its start state: its combine
 decay is multiplied by 0 (cm.chunk_alive). Without segments (reset None) the kernels are
 unchanged.
 """
