@@ -327,6 +327,8 @@ def main(argv=None):
     parser.add_argument("--reference", default="", help="models also trained with the plain loss")
     parser.add_argument("--profile", action="store_true", help="trace the first row's steps")
     parser.add_argument("--rivals", default=None, help="the rivals' folder ($MAMBA_JAX_RIVALS)")
+    parser.add_argument("--rival-impls", default="mamba_ssm,jla",
+                        help="which rivals to run, of mamba_ssm and jla")  # fmt: skip
     parser.add_argument("--jla-steps", type=int, default=15)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
     parser.add_argument("--out", default=None)
@@ -344,6 +346,9 @@ def main(argv=None):
     if len(batches) != len(models):
         raise ValueError(f"--batch needs one size per model in --models={args.models!r}")
     rivals = rivals_dir(args.rivals)
+    rival_impls = set(args.rival_impls.split(",")) - {""}
+    if not rival_impls <= {"mamba_ssm", "jla"}:
+        raise ValueError(f"--rival-impls takes mamba_ssm and jla, got {args.rival_impls!r}")
 
     import jax
 
@@ -383,9 +388,9 @@ def main(argv=None):
         _print_profile(rows[-1])
     if rivals is not None:
         known = [m for m in models if m in JLA_CONFIGS]
-        for row in run_mamba_ssm(rivals, known, args.timeout):
+        for row in run_mamba_ssm(rivals, known, args.timeout) if "mamba_ssm" in rival_impls else []:
             rows.append(record.add(row))
-        for model in known:
+        for model in known if "jla" in rival_impls else []:
             rows.append(record.add(run_jla(rivals, model, args.jla_steps, args.timeout)))
     for spec in specs:
         if spec not in order:

@@ -175,6 +175,12 @@ def _silu_parts(z):
     return zf * sig, sig * (1.0 + zf * (1.0 - sig))  # silu(z), silu'(z)
 
 
+# The padding, kernels and unpadding of one call run under jax.jit (static: the plan and flags):
+# a model that applies its layers one by one (MambaConfig.scan_layers=False) then traces and
+# lowers each kernel once, and every layer calls that one function. Traced inline, each layer
+# lowered its own copy of every kernel: 96 Mosaic GPU modules (49 MB of StableHLO) for the 130m
+# train step, against 4 with the jit.
+@functools.partial(jax.jit, static_argnums=(0, 11))
 def _forward(static, u, delta, z, B, C, A, D, bias, h0, reset, save):
     plan, softplus, interpret = static[:3]
     padded = _pad_operands(plan, u, delta, z, B, C, A, D, bias, h0)
@@ -264,6 +270,7 @@ def _backward_split(plan, softplus, interpret, padded, ckpts, y_pre, reset, gy, 
             cat(4), cat(5), dD, sum(p[7] for p in parts), cat(8))  # fmt: skip
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _scan_bwd(static, res, cotangents):
     plan, softplus, interpret, has_z, (b_shape, b_dtype, c_dtype, z_dtype) = static
     padded, ckpts, y_pre, reset = res
