@@ -329,6 +329,7 @@ def main(argv=None):
     parser.add_argument("--rivals", default=None, help="the rivals' folder ($MAMBA_JAX_RIVALS)")
     parser.add_argument("--rival-impls", default="mamba_ssm,jla",
                         help="which rivals to run, of mamba_ssm and jla")  # fmt: skip
+    parser.add_argument("--only-rivals", action="store_true", help="run the rivals' rows only")
     parser.add_argument("--jla-steps", type=int, default=15)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
     parser.add_argument("--out", default=None)
@@ -383,7 +384,7 @@ def main(argv=None):
     first = {s["model"]: s for s in reversed(specs)}
     order = [s for s in specs if first[s["model"]] is s]
     rows = []
-    for spec in order:
+    for spec in [] if args.only_rivals else order:
         rows.append(record.add(run_ours(spec, args.timeout)))
         _print_profile(rows[-1])
     if rivals is not None:
@@ -392,7 +393,7 @@ def main(argv=None):
             rows.append(record.add(row))
         for model in known if "jla" in rival_impls else []:
             rows.append(record.add(run_jla(rivals, model, args.jla_steps, args.timeout)))
-    for spec in specs:
+    for spec in [] if args.only_rivals else specs:
         if spec not in order:
             rows.append(record.add(run_ours(spec, args.timeout)))
     _compare_losses(rows, record)
