@@ -312,6 +312,9 @@ def _prepare(plan, u, delta, z, B, C, A, D, bias, h0, keep):
 # custom_vjp.
 
 
+# Under jax.jit (static: the plan and flags, save): a model with unrolled layers traces and lowers
+# each kernel once, as in pallas_kernels/__init__.py.
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("save",))
 def _forward(static, u, delta, z, B, C, A, D, bias, h0, keep, save):
     plan, softplus, interpret, has_z = static[:4]
     ops = _prepare(plan, u, delta, z if has_z else None, B, C, A, D, bias, h0, keep)
@@ -330,6 +333,7 @@ def _scan_fwd(static, u, delta, z, B, C, A, D, bias, h0, keep):
     return out, (ops, name_checkpoints(hstarts))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _scan_bwd(static, res, cotangents):
     plan, softplus, interpret, has_z, b_dtype, c_dtype = static
     ops, hstarts = res

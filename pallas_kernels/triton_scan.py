@@ -448,6 +448,9 @@ def _a_scaled(plan, A):
     return _state_in(plan, (A * LOG2E)[None])[0]
 
 
+# Under jax.jit (static: the plan, save): a model with unrolled layers traces and lowers each
+# kernel once, as in pallas_kernels/__init__.py.
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("save",))
 def _forward(plan, u, delta, z, B, C, A, D, bias, h0, rst, save):
     b, e, np_ = plan.batch, plan.e, plan.n_pad
     f32 = jnp.float32
@@ -480,6 +483,7 @@ def _forward(plan, u, delta, z, B, C, A, D, bias, h0, rst, save):
     return y, _state_out(plan, h_end[:, -1]), ckpt
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _backward(plan, res, gy, gh):
     u, delta, z, B, C, A, D, bias, rst, ckpt = res
     b, length, e, n, g, np_ = plan.batch, plan.length, plan.e, plan.n, plan.groups, plan.n_pad

@@ -227,6 +227,30 @@ def test_benchmark_shapes_lower_for_tpu(name, n):
     assert text.count("tpu_custom_call") == 2
 
 
+def test_stacked_calls_lower_the_kernels_once():
+    """Calls in a row (a model's unrolled layers) share the jitted forward and backward: the
+    lowered gradient holds as many Mosaic TPU kernels for 6 calls as for 3 (the last call's
+    forward can be a second variant, its outputs pruned differently)."""
+    S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+    b, length, e, n = 2, 256, 256, 16
+    act, bc = S((b, length, e), bf), S((b, length, n), bf)
+    xs = (act, act, S((e, n), f32), bc, bc, S((e,), f32), act, S((e,), f32))
+
+    def kernels(calls):
+        def loss(u, *rest):
+            total = 0.0
+            for _ in range(calls):  # every call's outputs are used alike (no pruned variant)
+                u, h = selective_scan_tpu(u, *rest, delta_softplus=True)
+                total = total + jnp.sum(h)
+            return total + jnp.sum(u.astype(f32))
+
+        text = _lower_for_tpu(jax.grad(loss, argnums=tuple(range(len(xs)))), *xs)
+        return text.count("tpu_custom_call")
+
+    assert kernels(1) == 2
+    assert kernels(6) == kernels(3) <= 3
+
+
 # ----------------------------------------------------------------------------------------------
 # Interface: plans, support queries, validation, the cost model (no kernel runs).
 
