@@ -251,6 +251,9 @@ def sample(graphdef, params, tokenizer, config: Config, rng_data) -> str:
 def main(argv=None) -> dict:
     config, preset, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     init_distributed(config)
+    if config.train.compilation_cache_dir:
+        cache_dir = os.path.expanduser(config.train.compilation_cache_dir)
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
     mesh = shd.make_mesh(config.mesh)
     check_batch(config, mesh)
     tc, pid, nproc = config.train, jax.process_index(), jax.process_count()
@@ -318,6 +321,11 @@ def main(argv=None) -> dict:
         batch = trainer.global_batch(next(data_iter), mesh)
         state, step_metrics = train_step(state, batch)
         done = step + 1
+        if step == start:  # the first step waits for the compiler: say how long it took
+            jax.block_until_ready(step_metrics)
+            cache = f" (cache: {tc.compilation_cache_dir})" if tc.compilation_cache_dir else ""
+            out.print(f"step {done}: compiled and ran in {time.perf_counter() - loop_start:.1f} s"
+                      + cache)  # fmt: skip
         # Agreed by all processes, so that they all leave at the same step.
         time_up = tc.time_limit_s is not None and time.perf_counter() - loop_start > tc.time_limit_s
         if preempt.should_stop(time_up):

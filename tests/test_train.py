@@ -25,8 +25,10 @@ def test_train_end_to_end(tmp_path):
         "train.steps": 12, "train.log_every": 4, "train.eval_every": 8, "train.lr": 1e-2,
         "train.sample_tokens": 12, "train.tensorboard": True, "train.grad_accum": 2,
         "train.progress": True, "mesh.data": 2, "mesh.fsdp": -1, "mesh.tensor": 2,
+        "train.compilation_cache_dir": tmp_path / "xla",
     }  # fmt: skip
-    result, proc = run_train(args(tmp_path, ckpt, **overrides))
+    every_compile = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    result, proc = run_train(args(tmp_path, ckpt, **overrides), env=every_compile)
     out, lines = proc.stdout, proc.stdout.splitlines()
     assert result["step"] == 12
     with open(ckpt / "metrics.jsonl") as f:
@@ -52,6 +54,8 @@ def test_train_end_to_end(tmp_path):
     assert f"run directory: {ckpt} (checkpoints, metrics.jsonl" in out
     assert any(line.startswith("step 8: eval_loss ") for line in lines), out
     assert "train: " in proc.stderr  # the bar
+    assert "step 1: compiled and ran in " in out and f"(cache: {tmp_path / 'xla'})" in out
+    assert any(f.startswith("jit_step-") for f in os.listdir(tmp_path / "xla"))
     end = out[out.index(f"run directory {ckpt}:") :]
     for item in ("metrics.jsonl", "tensorboard", "train_summary.json", f"{ckpt}/12"):
         assert item in end, end
@@ -65,6 +69,7 @@ def test_train_end_to_end(tmp_path):
     result, proc = run_train(args(tmp_path, ckpt, **more))
     out, lines = proc.stdout, proc.stdout.splitlines()
     assert f"resumed from {ckpt} step 12" in out
+    assert "step 13: compiled and ran in " in out
     assert "time limit: saving step 13 and exiting" in lines  # a line of its own, not the bar's
     assert result["step"] == 13 and result["stopped"] == "time limit"
     assert "eval_loss" not in result  # no eval on an early stop

@@ -85,6 +85,10 @@ class TrainConfig:
     # previous step ended with (no gradient through them; zero where a document starts). The
     # carried states are part of the checkpoint. Needs a text or token corpus (no data.task).
     state_passing: bool = False
+    # JAX's persistent compilation cache (jax_compilation_cache_dir): a rerun, a resumed run or
+    # another run of the same model and shapes loads the compiled train step from here instead
+    # of compiling it again. "~" is expanded; null turns it off.
+    compilation_cache_dir: str | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every",
@@ -93,6 +97,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.stop_at is not None and self.stop_at < 1:
             raise ValueError(f"train.stop_at must be >= 1 or null, got {self.stop_at}")
+        if self.compilation_cache_dir is not None and not str(self.compilation_cache_dir).strip():
+            raise ValueError("train.compilation_cache_dir must be a directory or null, got ''")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ValueError(f"train.time_limit_s must be > 0 or null, got {self.time_limit_s}")
         for name in ("warmup_steps", "eval_batches", "sample_tokens"):
