@@ -264,18 +264,21 @@ def run_jla(rivals, model, steps, timeout) -> dict:
 
 
 def print_table(rows):
-    print("\n| model | impl | variant | batch x L | tokens/s | MFU (6N) | step ms | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| model | impl | variant | batch x L | tokens/s | MFU (6N) | step ms | peak GiB | "
+          "compile s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         head = (
             f"| {r['model']} | {r['impl']} | {r.get('variant', '')} | {r['batch']} x {r['length']} "
         )
         if "error" in r:
-            print(head + f"| error: {r['error'][:100]} | | | |")
+            print(head + f"| error: {r['error'][:100]} | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
-        print(head + f"| {r['tokens_per_s']:,.0f} | {mfu} | {r['step_ms']:.1f} | {peak} |")
+        compile_s = f"{r['compile_s']:.0f}" if r.get("compile_s") is not None else "-"
+        print(head + f"| {r['tokens_per_s']:,.0f} | {mfu} | {r['step_ms']:.1f} | {peak} "
+                     f"| {compile_s} |")  # fmt: skip
     best = {}
     for r in rows:
         if r["impl"] == "ours" and "error" not in r and r.get("loss") == "chunked":
