@@ -169,7 +169,9 @@ def test_linen_bridge():
 PACKED = MambaConfig(d_model=16, n_layer=2, vocab_size=40, d_conv=4, scan_impl="reference")
 
 
-@pytest.mark.parametrize("impl", ["reference", "associative"])
+# The model's segment and padding plumbing is the same for every scan; each scan's own handling
+# of segment ids is tested against running each segment alone in test_scan.py.
+@pytest.mark.parametrize("impl", ["associative"])
 def test_packed_row_equals_each_document_alone(impl, assert_close):
     """Documents of lengths 1, 5, 2, 9 and 1 in one row: the logits and the gradient of a loss
     on them equal those of each document run alone (the conv and the scan restart)."""
@@ -214,7 +216,7 @@ def test_packed_arguments_are_validated():
 # Padded rows and states carried across windows.
 
 
-@pytest.mark.parametrize("impl", ["reference", "associative"])
+@pytest.mark.parametrize("impl", ["associative"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_rows_equal_each_row_alone(impl, side, assert_close):
     """Rows of lengths 7, 1, 4 and 0 padded to 9: every real token's logits, the gradient of a
