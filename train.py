@@ -323,9 +323,10 @@ def main(argv=None) -> dict:
         done = step + 1
         if step == start:  # the first step waits for the compiler: say how long it took
             jax.block_until_ready(step_metrics)
-            cache = f" (cache: {tc.compilation_cache_dir})" if tc.compilation_cache_dir else ""
-            out.print(f"step {done}: compiled and ran in {time.perf_counter() - loop_start:.1f} s"
-                      + cache)  # fmt: skip
+            seconds = time.perf_counter() - loop_start
+            where = (f"compiling or loading from {tc.compilation_cache_dir}"
+                     if tc.compilation_cache_dir else "compiling")  # fmt: skip
+            out.print(f"step {done} took {seconds:.1f} s, {where} included")
         # Agreed by all processes, so that they all leave at the same step.
         time_up = tc.time_limit_s is not None and time.perf_counter() - loop_start > tc.time_limit_s
         if preempt.should_stop(time_up):

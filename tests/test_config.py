@@ -75,6 +75,7 @@ def test_defaults_and_overrides():
         ("data.format=csv", "data.format"),
         ("checkpoint.every=0", "checkpoint.every"),
         ("train.time_limit_s=0", "train.time_limit_s"),
+        ("train.compilation_cache_dir=' '", "train.compilation_cache_dir"),
         ("model.selective=maybe", "model.selective"),
         ("distributed.mode=maybe", "distributed.mode"),
         ("steps=3", "section.key"),
