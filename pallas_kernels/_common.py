@@ -44,7 +44,10 @@ class BlockSizes:
       the loads and exponentials of a tile's tokens; False keeps a loop per tile.
     stages: input tiles in flight in the TMA pipeline (max_concurrent_steps), at least 2.
     fwd_lanes: threads per channel in the forward kernels, 1 or 2 (as bwd_lanes: 64-channel
-      blocks, so twice the blocks, and warps, for the same channels).
+      blocks, so twice the blocks, and warps, for the same channels). None: 2 when the forward
+      runs in one pass (no sequence split), 1 when it is split. On one H200 (2026-12-03) two
+      lanes took S1 / S2 fwd + bwd from 1.25 / 1.53 ms to 1.20 / 1.47 and slowed the split
+      S3 / S4 forward (0.81 -> 0.93, 2.32 -> 2.74 ms); see NOTES.md, variant 8b.
     bwd_lanes: threads per channel in the backward's main pass, 1 or 2. With 2, a block takes
       64 channels and each thread holds half of a channel's states, which halves the registers
       the states take (the pass is at the 255 cap with 1); per-channel work is done twice and
@@ -67,12 +70,13 @@ class BlockSizes:
     unroll: bool = True
     stages: int = 2
     bwd_lanes: int = 1
-    fwd_lanes: int = 1
+    fwd_lanes: int | None = None
 
     def __post_init__(self):
-        for name in ("bwd_lanes", "fwd_lanes"):
-            if getattr(self, name) not in (1, 2):
-                raise ValueError(f"BlockSizes: {name} must be 1 or 2, got {getattr(self, name)!r}")
+        if self.bwd_lanes not in (1, 2):
+            raise ValueError(f"BlockSizes: bwd_lanes must be 1 or 2, got {self.bwd_lanes!r}")
+        if self.fwd_lanes not in (None, 1, 2):
+            raise ValueError(f"BlockSizes: fwd_lanes must be None, 1 or 2, got {self.fwd_lanes!r}")
         if self.stages < 2:
             raise ValueError(f"BlockSizes: stages={self.stages} must be at least 2")
         if self.sub is not None and (self.tile < 1 or self.sub < 1 or self.tile % self.sub):
@@ -104,7 +108,7 @@ class Plan:
     stages: int = 2  # pipeline depth of the input tiles (max_concurrent_steps)
     bwd_chunks: int = 1  # sequence chunks of the backward (n_chunks is the forward's)
     bwd_lanes: int = 1  # threads per channel in the backward's main pass (BlockSizes)
-    fwd_lanes: int = 1  # threads per channel in the forward kernels (BlockSizes)
+    fwd_lanes: int = 1  # threads per channel in the forward kernels (BlockSizes, resolved)
 
     def backward(self):
         """The plan the backward kernels run under: the same tiles, its own chunks."""
@@ -152,7 +156,8 @@ def make_plan(b, length, e, n, g, block_sizes: BlockSizes) -> Plan:
     divisors = [d for d in range(1, n_tiles + 1) if n_tiles % d == 0]
     nearest = lambda c: min(divisors, key=lambda d: (abs(math.log(d / c)), -d))
     # The forward's blocks are 64 channels wide with fwd_lanes 2, 128 otherwise.
-    fwd_blocks = blocks * block_sizes.fwd_lanes
+    fwd_lanes = block_sizes.fwd_lanes or 1
+    fwd_blocks = blocks * fwd_lanes
     split = nearest(max(1, -(-block_sizes.target_blocks // fwd_blocks)))
     if block_sizes.chunks is not None:
         chunks = bwd_chunks = nearest(block_sizes.chunks)
@@ -164,13 +169,17 @@ def make_plan(b, length, e, n, g, block_sizes: BlockSizes) -> Plan:
         # The backward's main pass counts blocks of its own width (64 channels with 2 lanes).
         bwd_blocks = blocks * block_sizes.bwd_lanes
         bwd_chunks = nearest(max(1, -(-block_sizes.target_blocks // bwd_blocks)))
+    if block_sizes.fwd_lanes is None and chunks == 1:
+        # One pass: a block, one warp per scheduler, on each SM hides little latency; 64-channel
+        # blocks put two there (NOTES.md, variant 8b). A split forward already has the warps.
+        fwd_lanes = 2
     tiles_per_chunk = n_tiles // chunks
     reduce = block_sizes.bwd_reduce
     if reduce == "shuffle" and ((tile * 2 * n_pad) % W or block_sizes.bwd_lanes > 1):
         reduce = "smem"
     return Plan(b, length, e, n, g, g * p_pad, n_pad, tile, sub, n_tiles, tiles_per_chunk,
                 chunks, n_split, reduce, block_sizes.unroll, block_sizes.stages,
-                bwd_chunks, block_sizes.bwd_lanes, block_sizes.fwd_lanes)  # fmt: skip
+                bwd_chunks, block_sizes.bwd_lanes, fwd_lanes)  # fmt: skip
 
 
 def pad_channels(x, plan: Plan, axis):

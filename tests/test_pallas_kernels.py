@@ -5,6 +5,7 @@ marked gpu run the compiled kernels on a Hopper GPU at larger, awkward shapes.
 """
 
 import collections
+import dataclasses
 import functools
 import re
 
@@ -90,9 +91,10 @@ INTERPRET_CASES = [
     (jnp.float32, 1, 21, 128, 16, 0, True, True, True, True, True,
      dict(chunks=2, bwd_reduce="shuffle")),
     (jnp.bfloat16, 2, 11, 192, 5, 2, False, False, False, False, False,
-     dict(chunks=1, unroll=False)),
+     dict(chunks=1, unroll=False, fwd_lanes=1)),
     (jnp.float16, 1, 9, 128, 20, 1, True, True, True, True, True, dict(chunks=2)),
-    # The default policy at a small size: the forward in one pass, the backward split in 3.
+    # The default policy at a small size: the forward in one pass (two lanes per channel), the
+    # backward split in 3.
     (jnp.float32, 1, 21, 128, 16, 0, True, True, True, True, True,
      dict(split_below=1, stages=3)),
     # Two threads per channel in the backward's main pass (64-channel blocks; 192 = 3 blocks).
@@ -118,7 +120,7 @@ def test_interpret_matches_reference(case, assert_close):
     plan = make_plan(b, length, e, n, 1, bs)
     assert plan.bwd_reduce == opts.get("bwd_reduce", "smem")
     if "split_below" in opts:
-        assert (plan.n_chunks, plan.bwd_chunks) == (1, 3)
+        assert (plan.n_chunks, plan.bwd_chunks, plan.fwd_lanes) == (1, 3, 2)
     check_against_reference(args, softplus, True, assert_close, block_sizes=bs)
 
 
@@ -143,20 +145,26 @@ def test_block_sizes_bwd_reduce():
         pk.BlockSizes(bwd_lanes=4)
     with pytest.raises(ValueError, match="fwd_lanes"):
         pk.BlockSizes(fwd_lanes=0)
+    # fwd_lanes None: two lanes exactly when the forward runs in one pass.
+    assert plan(16, chunks=1).fwd_lanes == 2
+    assert plan(16, chunks=2).fwd_lanes == 1
+    assert plan(16, chunks=1, fwd_lanes=1).fwd_lanes == 1
     # The forward counts its own blocks too: 64 channels wide, 2 x 64 >= split_below = 2.
     assert plan(16, split_below=2).n_chunks > 1
     assert plan(16, split_below=2, fwd_lanes=2).n_chunks == 1
 
 
 @pytest.mark.parametrize(
-    "b, e, length, fwd_chunks",
-    [(8, 1536, 2048, 1), (4, 4096, 2048, 1), (2, 2048, 16384, 32), (1, 1536, 131072, 64)],
-)
-def test_default_split_policy(b, e, length, fwd_chunks):
-    """The issue's S1-S4: the forward splits only when the blocks cannot fill the GPU; the
-    backward always splits towards target_blocks."""
+    "b, e, length, fwd_chunks, fwd_lanes",
+    [(8, 1536, 2048, 1, 2), (4, 4096, 2048, 1, 2), (2, 2048, 16384, 32, 1),
+     (1, 1536, 131072, 64, 1)],
+)  # fmt: skip
+def test_default_split_policy(b, e, length, fwd_chunks, fwd_lanes):
+    """The issue's S1-S4: the forward splits only when the blocks cannot fill the GPU, and runs
+    two lanes per channel when it does not split; the backward always splits towards
+    target_blocks."""
     plan = make_plan(b, length, e, 16, 1, pk.BlockSizes())
-    assert plan.n_chunks == fwd_chunks
+    assert (plan.n_chunks, plan.fwd_lanes) == (fwd_chunks, fwd_lanes)
     assert plan.bwd_chunks > 1 and plan.backward().n_chunks == plan.bwd_chunks
     assert plan.backward().tiles_per_chunk * plan.bwd_chunks == plan.n_tiles
 
@@ -296,11 +304,21 @@ GPU_CASES = [
     (jnp.bfloat16, 2, 1000, 320, 16, 0, True, True, True, True, True, TWO_LANES),
     (jnp.float32, 1, 333, 200, 8, 2, True, True, True, True, True, TWO_LANES),
     (jnp.float32, 1, 150, 128, 64, 0, True, True, True, True, True, TWO_LANES),
+    # The default policy's one-pass forward (two lanes per channel) at an odd width and length.
+    (jnp.bfloat16, 2, 333, 200, 16, 0, True, True, True, True, True, pk.BlockSizes(split_below=1)),
 ]
 
 
+def _gpu_case_id(c):
+    bs = c[11]
+    changed = [f"{f.name}{getattr(bs, f.name)}" for f in dataclasses.fields(bs)
+               if getattr(bs, f.name) != f.default] if bs is not None else []  # fmt: skip
+    sizes = "-".join(changed) or "default"
+    return f"{jnp.dtype(c[0]).name}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}-{sizes}"
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{jnp.dtype(c[0]).name}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}")  # fmt: skip
+@pytest.mark.parametrize("case", GPU_CASES, ids=_gpu_case_id)
 def test_gpu_matches_reference(case, assert_close):
     dtype, b, length, e, n, groups, z, D, bias, h0, softplus, bs = case
     args = make_args(
