@@ -5,7 +5,6 @@ marked gpu run the compiled kernels on a Hopper GPU at larger, awkward shapes.
 """
 
 import collections
-import dataclasses
 import functools
 import re
 
@@ -309,12 +308,14 @@ GPU_CASES = [
 ]
 
 
+def _block_sizes_id(bs):
+    """The fields of BlockSizes `bs` (None: the defaults) that differ from the defaults."""
+    bs, default = bs or pk.BlockSizes(), pk.BlockSizes()
+    return "-".join(f"{k}{v}" for k, v in vars(bs).items() if v != getattr(default, k)) or "default"
+
+
 def _gpu_case_id(c):
-    bs = c[11]
-    changed = [f"{f.name}{getattr(bs, f.name)}" for f in dataclasses.fields(bs)
-               if getattr(bs, f.name) != f.default] if bs is not None else []  # fmt: skip
-    sizes = "-".join(changed) or "default"
-    return f"{jnp.dtype(c[0]).name}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}-{sizes}"
+    return f"{jnp.dtype(c[0]).name}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}-{_block_sizes_id(c[11])}"
 
 
 @pytest.mark.gpu
@@ -354,11 +355,7 @@ GPU_SEGMENT_CASES = [
 
 
 def _gpu_segment_case_id(c):
-    bs, default = c[6] or pk.BlockSizes(), pk.BlockSizes()
-    opts = [f"{k}{v}" for k, v in vars(bs).items() if v != getattr(default, k)]
-    return f"{jnp.dtype(c[0]).name}-b{c[1]}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}-" + (
-        "-".join(opts) or "default"
-    )
+    return f"{jnp.dtype(c[0]).name}-b{c[1]}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}-{_block_sizes_id(c[6])}"
 
 
 @pytest.mark.gpu
