@@ -170,8 +170,8 @@ def make_plan(b, length, e, n, g, block_sizes: BlockSizes) -> Plan:
         bwd_blocks = blocks * block_sizes.bwd_lanes
         bwd_chunks = nearest(max(1, -(-block_sizes.target_blocks // bwd_blocks)))
     if block_sizes.fwd_lanes is None and chunks == 1:
-        # One pass: a block, one warp per scheduler, on each SM hides little latency; 64-channel
-        # blocks put two there (NOTES.md, variant 8b). A split forward already has the warps.
+        # Measured (NOTES.md, variant 8b): unsplit, two lanes take fwd + bwd 4% faster at S1 / S2
+        # (the forward alone is unchanged); split, the forward is 16-18% slower with them.
         fwd_lanes = 2
     tiles_per_chunk = n_tiles // chunks
     reduce = block_sizes.bwd_reduce
