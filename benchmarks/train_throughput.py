@@ -181,7 +181,7 @@ def _profile(step, state, batches, steps):
     tables = {}
     for by in ("hlo_op", "name"):
         rows, totals = profile_summary.summarize(
-            profile_summary.device_ops(trace), by=by, top=25, steps=steps
+            profile_summary.device_ops(trace), by=by, top=40, steps=steps
         )
         tables[by] = profile_summary.format_table(rows, totals, steps=steps)
     shutil.rmtree(trace, ignore_errors=True)
@@ -308,7 +308,7 @@ def main(argv=None):
     parser.add_argument("--also-remat", default="", help="models also measured with remat flipped")
     parser.add_argument(
         "--keep-scan",
-        default="130m",
+        default="130m,1.4b",  # as the presets
         help="models whose remat also keeps the scan (config.remat_keep_scan)",
     )
     parser.add_argument("--also-keep-scan", default="",

@@ -49,8 +49,11 @@ __all__ = ["TritonBlockSizes", "selective_scan_triton", "triton_unsupported_reas
 MAX_D_STATE = 256
 MIN_COMPUTE_CAPABILITY = (7, 5)
 LOG2E = 1.4426950408889634
-# Warps the GPU runs at once at one warp per scheduler: 132 SMs x 4 (H100 / H200).
-TARGET_WARPS = 528
+# Warps a sequence split aims for: four per scheduler, 132 SMs x 4 x 4 (H100 / H200). On one H200
+# (2026-12-03) splitting towards 2112 warps below 4096 took fwd+bwd from 3.83 / 3.86 / 9.57 / 33.3
+# ms to 2.82 / 3.37 / 7.31 / 18.0 at S1-S4 (one warp per scheduler, 528 below 256, was the default).
+TARGET_WARPS = 2112
+MIN_PROGRAMS = 4096
 
 
 def _pow2(x: int) -> int:
@@ -70,7 +73,7 @@ class TritonBlockSizes:
     fwd_warps, bwd_warps: warps per program (None: one, more for very large tiles).
     min_programs: below this many warps (batch x channel blocks x warps) the sequence is split
       across programs, towards target_warps (each split costs one extra pass over its tokens).
-    target_warps: the warps a split aims for (default TARGET_WARPS, one per H200 scheduler).
+    target_warps: the warps a split aims for (default TARGET_WARPS, four per H200 scheduler).
     min_split_chunks: a split is never shorter than this many chunks.
     """
 
@@ -81,7 +84,7 @@ class TritonBlockSizes:
     fwd_warps: int | None = None
     bwd_warps: int | None = None
     num_stages: int = 1
-    min_programs: int = 256
+    min_programs: int = MIN_PROGRAMS
     min_split_chunks: int = 8
     target_warps: int = TARGET_WARPS
 

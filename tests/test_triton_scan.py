@@ -158,20 +158,20 @@ def test_import_needs_no_triton():
 
 @pytest.mark.parametrize(
     "b, e, length, splits",
-    [(8, 1536, 2048, 1), (4, 4096, 2048, 1), (2, 2048, 16384, 5), (1, 1536, 131072, 11)],
+    [(8, 1536, 2048, 6), (4, 4096, 2048, 5), (2, 2048, 16384, 17), (1, 1536, 131072, 44)],
 )
 def test_default_plan(b, e, length, splits):
-    """S1-S4 at n 16: the sequence is split only when the programs cannot fill the GPU (under 256
-    warps), towards TARGET_WARPS."""
+    """S1-S4 at n 16: below MIN_PROGRAMS warps the sequence is split towards TARGET_WARPS (the
+    programs of S1-S4 alone cannot fill the GPU at four warps per scheduler)."""
     plan = ts.make_plan(b, length, e, 16, 1, ts.TritonBlockSizes(), softplus=True, has_z=True,
                         has_seg=False, interpret=False)  # fmt: skip
     assert plan.n_splits(plan.bwd_split) == splits
     assert plan.n_chunks * plan.chunk >= length
-    # A larger target (four warps per scheduler) splits S1 and S2 too, only below min_programs.
-    more = ts.TritonBlockSizes(min_programs=4096, target_warps=2112)
-    p = ts.make_plan(b, length, e, 16, 1, more, softplus=True, has_z=True, has_seg=False,
+    # The previous default (one warp per scheduler, split only below 256 warps) splits less.
+    fewer = ts.TritonBlockSizes(min_programs=256, target_warps=528)
+    p = ts.make_plan(b, length, e, 16, 1, fewer, softplus=True, has_z=True, has_seg=False,
                      interpret=False)  # fmt: skip
-    assert p.n_splits(p.bwd_split) > splits
+    assert p.n_splits(p.bwd_split) < splits
     for n in (1, 3, 64, 256):
         p = ts.make_plan(b, length, e, n, 1, ts.TritonBlockSizes(), softplus=True, has_z=True,
                          has_seg=False, interpret=False)  # fmt: skip
