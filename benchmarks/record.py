@@ -2,7 +2,7 @@
 
 A record is one JSON object, one per file under `benchmarks/results/`:
 
-    {"benchmark": "scan" | "train_throughput" | "decode" | "tasks",
+    {"benchmark": "scan" | "conv" | "train_throughput" | "decode" | "tasks",
      "device": "NVIDIA H200", "platform": "gpu", "jax": "0.11.2",
      "date": "2026-12-01T07:00:00+00:00", "commit": "60b5c27...",
      "config": {what the run was asked to do},
@@ -20,6 +20,7 @@ whose rows lack them), and the measurements it reads:
 | benchmark | point keys (every row) | measurements (rows without `error`) |
 |---|---|---|
 | scan | shape, batch, d_inner, length, d_state, impl | fwd_ms, fwd_bwd_ms; ours also scan_impl ("pallas", "associative", "reference") and variant (block sizes, "" for the default) |
+| conv | shape, batch, length, d_inner, impl | fwd_ms, vjp_ms (the backward); variant (kernel block sizes, "xla" for XLA's op) |
 | train_throughput | model, gpus, batch, length, impl | tokens_per_s, step_ms; optional mfu, peak_gib, scan_impl |
 | decode | model, batch, impl, arch ("mamba" or "transformer") | tokens_per_s (new tokens over prefill + decode); optional decode_tokens_per_s (the token loop alone), generate_tokens_per_s (mamba_jax.generate) |
 | tasks | task, length | accuracy, chance |
@@ -40,10 +41,11 @@ import subprocess
 import sys
 import tempfile
 
-BENCHMARKS = ("scan", "train_throughput", "decode", "tasks", "length_eval")
+BENCHMARKS = ("scan", "conv", "train_throughput", "decode", "tasks", "length_eval")
 HEADER_KEYS = ("benchmark", "device", "platform", "jax", "date", "commit", "config", "rows")
 ROW_KEYS = {
     "scan": ("shape", "batch", "d_inner", "length", "d_state", "impl"),
+    "conv": ("shape", "batch", "length", "d_inner", "impl"),
     "train_throughput": ("model", "gpus", "batch", "length", "impl"),
     "decode": ("model", "batch", "impl", "arch"),
     "tasks": ("task", "length"),

@@ -10,6 +10,7 @@ import dataclasses
 import math
 
 SCAN_IMPLS = ("auto", "reference", "associative", "pallas", "triton")
+CONV_IMPLS = ("auto", "pallas", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,10 @@ class MambaConfig:
     bias: bool = False
     rescale_prenorm_residual: bool = True
     scan_impl: str = "auto"
+    # The causal conv + SiLU: "pallas" (pallas_kernels.causal_conv, a Triton kernel on NVIDIA
+    # GPUs), "xla" (jnp ops), or "auto" (pallas where it runs, else xla). Packed rows (segment
+    # ids) always take the xla path.
+    conv_impl: str = "auto"
     remat: bool = False
     # With remat, also keep the scan's output and the fused kernel's state checkpoints (about
     # 2 + 8 bytes per token and channel per layer at d_state 16): the backward then runs no
@@ -59,6 +64,10 @@ class MambaConfig:
         if self.scan_impl not in SCAN_IMPLS:
             raise ValueError(
                 f"MambaConfig.scan_impl must be one of {SCAN_IMPLS}, got {self.scan_impl!r}"
+            )
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(
+                f"MambaConfig.conv_impl must be one of {CONV_IMPLS}, got {self.conv_impl!r}"
             )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):

@@ -13,7 +13,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mamba_jax.config import CONV_IMPLS
 from mamba_jax.scan_sharding import sharded_causal_conv
+
+
+def resolve_conv_impl(impl: str, width: int, dtype) -> bool:
+    """Whether the conv + SiLU runs as the Pallas kernel: impl "pallas" (ValueError where the
+    kernel cannot run here), "xla", or "auto" (the kernel where it runs)."""
+    if impl == "xla":
+        return False
+    from pallas_kernels.causal_conv import conv_unsupported_reason
+
+    reason = conv_unsupported_reason(width=width, dtype=dtype)
+    if impl == "pallas" and reason is not None:
+        raise ValueError(f"conv impl='pallas' is not supported here: {reason}")
+    return reason is None
 
 
 def partitioned(init, names):
@@ -213,9 +227,12 @@ class CausalConv1d(nnx.Module):
     """
 
     def __init__(self, channels: int, width: int, *, use_bias=True, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):  # fmt: skip
+                 param_dtype=jnp.float32, impl: str = "auto", rngs: nnx.Rngs):  # fmt: skip
+        if impl not in CONV_IMPLS:
+            raise ValueError(f"impl must be one of {CONV_IMPLS}, got {impl!r}")
         self.width = width
         self.dtype = dtype
+        self.impl = impl
         init = torch_linear_init(width)  # PyTorch's fan_in for a depthwise conv is 1 * width
         self.kernel = logical_param(
             init(rngs.params(), (width, channels), param_dtype), ("conv", "inner")
@@ -236,18 +253,25 @@ class CausalConv1d(nnx.Module):
         # With the length split over a mesh, each shard convolves its own block, its state the
         # previous shard's last w - 1 inputs (a halo; scan_sharding.sharded_causal_conv).
         bias = None if self.bias is None else self.bias[...]
-        conv = functools.partial(self._conv, silu=silu)
-        return sharded_causal_conv(conv, x, self.kernel[...], bias, state, mask)
+        kernel = silu and mask is None and resolve_conv_impl(self.impl, self.width, x.dtype)
+        conv = functools.partial(self._conv, silu=silu, use_kernel=kernel)
+        # A Pallas call is opaque to XLA's partitioner: under a mesh it runs on per-device blocks.
+        return sharded_causal_conv(conv, x, self.kernel[...], bias, state, mask, manual=kernel)
 
-    def _conv(self, x, kernel, bias, state, mask=None, *, silu=False):
+    def _conv(self, x, kernel, bias, state, mask=None, *, silu=False, use_kernel=False):
         """`__call__` on arrays: kernel (w, e), bias (e,) or None, state (b, w - 1, e) or None,
-        mask (b, l, w) or None."""
+        mask (b, l, w) or None. use_kernel: the conv + SiLU by pallas_kernels.causal_conv."""
         bsz, length, e = x.shape
         if state is None:
             state = jnp.zeros((bsz, self.width - 1, e), x.dtype)
         if silu:
             bias = jnp.zeros((e,), jnp.float32) if bias is None else bias
-            out = causal_conv1d_silu(x, state, kernel, bias, jnp.dtype(self.dtype), mask)
+            if use_kernel:
+                from pallas_kernels.causal_conv import causal_conv1d_silu_pallas
+
+                out = causal_conv1d_silu_pallas(x, state, kernel, bias, jnp.dtype(self.dtype))
+            else:
+                out = causal_conv1d_silu(x, state, kernel, bias, jnp.dtype(self.dtype), mask)
             tail = jnp.concatenate([state.astype(x.dtype), x[:, -(self.width - 1) :]], axis=1)
             return out, tail[:, tail.shape[1] - (self.width - 1) :]
         xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # (b, l + w - 1, e)

@@ -53,7 +53,13 @@ class MambaMixer(nnx.Module):
 
         self.in_proj = linear(d, 2 * e, ("embed", "inner"), use_bias=c.bias)
         self.conv1d = CausalConv1d(
-            e, c.d_conv, use_bias=c.conv_bias, dtype=dtype, param_dtype=pdt, rngs=rngs
+            e,
+            c.d_conv,
+            use_bias=c.conv_bias,
+            dtype=dtype,
+            param_dtype=pdt,
+            impl=c.conv_impl,
+            rngs=rngs,
         )
         self.x_proj = linear(e, r + 2 * n, ("inner", None))
         # dt_proj: weight ~ U(-r^-0.5, r^-0.5); bias = softplus^-1(dt), dt log-uniform in

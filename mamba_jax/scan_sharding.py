@@ -290,22 +290,26 @@ def _add_entering_state(y_loc, delta, bias, keep, A, C, h_in, z, step_size):
 # The causal conv's halo.
 
 
-def sharded_causal_conv(conv, x, kernel, bias, state, mask=None):
+def sharded_causal_conv(conv, x, kernel, bias, state, mask=None, *, manual=False):
     """conv(x, kernel, bias, state, mask) -> (out, new_state) on x (b, l, e), kernel (w, e), bias
     (e,) or None, state (b, w - 1, e) or None, mask (b, l, w) or None (per position, so it splits
     along l like x): called directly without a sequence split, else inside
     shard_map with each shard's state taken from the previous shard's last w - 1 inputs (one
     ppermute). The new state, the last w - 1 inputs of the whole sequence, comes from the last
-    shard."""
+    shard. manual=True (conv is a kernel XLA cannot partition): inside shard_map over the batch
+    and channel axes too when the length is not split."""
     w = kernel.shape[0]
     sizes = mesh_axes()
     K = sizes.get(SEQUENCE_AXIS, 1)
     bsz, length, e = x.shape
-    if K == 1 or w == 1 or length % K or length // K < w - 1:
+    split = not (K == 1 or w == 1 or length % K or length // K < w - 1)
+    if not split and not (manual and sizes):
         return conv(x, kernel, bias, state, mask)
+    if not split:
+        sizes = {a: n for a, n in sizes.items() if a != SEQUENCE_AXIS}
     batch = _batch_axes(sizes, bsz)
     tensor = TENSOR_AXIS if TENSOR_AXIS in sizes and e % sizes[TENSOR_AXIS] == 0 else None
-    layout = Layout(batch, tensor, SEQUENCE_AXIS, sizes)
+    layout = Layout(batch, tensor, SEQUENCE_AXIS if split else None, sizes)
     args = dict(x=x, kernel=kernel, bias=bias, state=state, mask=mask)
     specs = dict(
         x=layout.spec("b", "l", "e"),
@@ -317,10 +321,14 @@ def sharded_causal_conv(conv, x, kernel, bias, state, mask=None):
     present = {k: v for k, v in args.items() if v is not None}
     in_specs = {k: specs[k] for k in present}
     out_specs = (layout.spec("b", "l", "e"), layout.spec("b", ".", "e"))
-    axes = {*batch, *(a for a in (tensor, SEQUENCE_AXIS) if a)}
+    axes = {*batch, *(a for a in (tensor, SEQUENCE_AXIS if split else None) if a)}
+    if not axes:  # nothing divides: every device runs the whole call
+        return conv(x, kernel, bias, state, mask)
 
     def body(a):
         x = a["x"]
+        if not split:
+            return conv(x, a["kernel"], a.get("bias"), a.get("state"), a.get("mask"))
         k = jax.lax.axis_index(SEQUENCE_AXIS)
         # Shard j's last w - 1 inputs go to shard j + 1; shard 0 receives zeros (or the state).
         halo = jax.lax.ppermute(x[:, -(w - 1) :], SEQUENCE_AXIS, [(j, j + 1) for j in range(K - 1)])
