@@ -283,7 +283,7 @@ def _readme_rows(heading):
 def test_committed_results_load_and_the_rivals_match_the_readme():
     records = br.load_results(ROOT / "benchmarks" / "results")
     assert {r.benchmark for r in records} == {
-        "scan", "train_throughput", "decode", "tasks", "length_eval"
+        "scan", "conv", "train_throughput", "decode", "tasks", "length_eval"
     }  # fmt: skip
     h200 = {r.benchmark: r for r in records if "rivals" in r.path and r.device == H200}
     assert {r.date for r in h200.values()} == {"2026-12-01"}
@@ -327,6 +327,34 @@ def test_git_commit_from_env_repo_or_none(tmp_path, monkeypatch):
 
 
 TOY_SCAN = "--shapes 1x32x19 --no-n64 --inner 1 --reps 1 --seed 3".split()  # shared reference
+
+
+def test_readme_training_rows_match_their_record():
+    """The README's Speed table: the training rows are ours and jla from one record's run."""
+    (rec,) = [r for r in br.load_results(ROOT / "benchmarks" / "results")
+              if r.path.endswith("conv_kernel_vs_jla.json")]  # fmt: skip
+    tps = {(r["impl"], r["model"]): round(r["tokens_per_s"]) for r in rec.rows}
+    readme = (ROOT / "README.md").read_text()
+    for model in ("130m", "1.4b"):
+        line = next(x for x in readme.splitlines() if x.startswith(f"| training {model},"))
+        cells = [c.strip() for c in line.split("|")[2:4]]
+        assert int(cells[0].split()[0].replace(",", "")) == tps["ours", model], line
+        assert int(cells[1].replace(",", "")) == tps["jla", model], line
+
+
+def test_conv_benchmark_checks_and_times_on_cpu(tmp_path, capsys):
+    from benchmarks import conv
+
+    out = tmp_path / "conv.json"
+    conv.main(["--shapes", "tiny", "--variants", ",32:16:4:1", "--interpret", "--inner", "1",
+               "--reps", "1", "--out", str(out)])  # fmt: skip
+    rec = br.load_record(out)
+    assert [r["variant"] for r in rec.rows] == ["xla", "default", "32:16:4:1"]
+    assert all(r["check_ok"] and r["fwd_ms"] > 0 and r["vjp_ms"] > 0 for r in rec.rows)
+    assert 0 < max(r["max_rel_err"] for r in rec.rows[1:]) < 3e-2  # bf16 output, fp32 inside
+    assert "| tiny | 32:16:4:1 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="channels:chunk:unroll:warps"):
+        conv.main(["--shapes", "tiny", "--variants", "32:16", "--interpret"])
 
 
 def test_scan_benchmark_checks_and_times_on_cpu(tmp_path, capsys):
