@@ -346,10 +346,10 @@ def test_conv_benchmark_checks_and_times_on_cpu(tmp_path, capsys):
     from benchmarks import conv
 
     out = tmp_path / "conv.json"
-    conv.main(["--shapes", "tiny", "--variants", ",32:16:4:1", "--interpret", "--inner", "1",
+    conv.main(["--shapes", "tiny", "--variants", "32:16:4:1", "--interpret", "--inner", "1",
                "--reps", "1", "--out", str(out)])  # fmt: skip
     rec = br.load_record(out)
-    assert [r["variant"] for r in rec.rows] == ["xla", "default", "32:16:4:1"]
+    assert [r["variant"] for r in rec.rows] == ["xla", "32:16:4:1"]
     assert all(r["check_ok"] and r["fwd_ms"] > 0 and r["vjp_ms"] > 0 for r in rec.rows)
     assert 0 < max(r["max_rel_err"] for r in rec.rows[1:]) < 3e-2  # bf16 output, fp32 inside
     assert "| tiny | 32:16:4:1 |" in capsys.readouterr().out
