@@ -85,3 +85,15 @@ def size_reason(*, batch, length, d, n, groups, dtype, max_d_state) -> str | Non
     if n > max_d_state:
         return f"d_state n={n} is above the kernel's limit of {max_d_state}"
     return None
+
+
+def first_gpu(backend, what: str):
+    """(the first GPU device, None), or (None, why `what` cannot run: not a GPU backend, or no
+    GPU device). backend: the one asked for, or None for jax.default_backend()."""
+    backend = backend or jax.default_backend()
+    if backend != "gpu":
+        return None, f"{what} needs a GPU backend, got {backend!r}"
+    try:
+        return jax.devices("gpu")[0], None
+    except RuntimeError as err:
+        return None, f"no GPU device: {err}"

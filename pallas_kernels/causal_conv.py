@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels._validation import first_gpu
+
 __all__ = ["ConvBlockSizes", "causal_conv1d_silu_pallas", "conv_unsupported_reason"]
 
 MAX_WIDTH = 8
@@ -74,13 +76,9 @@ def conv_unsupported_reason(*, width, dtype, backend=None, interpret=False):
         return f"the conv kernel takes float32, bfloat16 or float16 inputs, got {dtype}"
     if interpret:
         return None
-    backend = backend or jax.default_backend()
-    if backend != "gpu":
-        return f"the Triton conv kernel needs a GPU backend, got {backend!r}"
-    try:
-        device = jax.devices("gpu")[0]
-    except RuntimeError as err:
-        return f"no GPU device: {err}"
+    device, reason = first_gpu(backend, "the Triton conv kernel")
+    if reason is not None:
+        return reason
     if "nvidia" not in getattr(device, "device_kind", "").lower() and not hasattr(
         device, "compute_capability"
     ):

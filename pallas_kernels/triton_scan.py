@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._validation import (
+    first_gpu,
     name_checkpoints,
     size_reason,
     validate_scan_args,
@@ -223,13 +224,9 @@ def triton_unsupported_reason(*, batch, length, d, n, groups, dtype, backend=Non
         return "jax-triton is not installed (pip install 'mamba-jax[cuda]')"
     except Exception as err:  # a broken install raises more than ImportError
         return f"jax-triton does not import: {type(err).__name__}: {err}"
-    backend = backend or jax.default_backend()
-    if backend != "gpu":
-        return f"the Triton kernel needs a GPU backend, got {backend!r}"
-    try:
-        device = jax.devices("gpu")[0]
-    except RuntimeError as err:
-        return f"no GPU device: {err}"
+    device, reason = first_gpu(backend, "the Triton kernel")
+    if reason is not None:
+        return reason
     kind = getattr(device, "device_kind", "?")
     version = str(getattr(getattr(device, "client", None), "platform_version", "")).lower()
     if "rocm" in version or "hip" in version:
