@@ -87,13 +87,32 @@ def size_reason(*, batch, length, d, n, groups, dtype, max_d_state) -> str | Non
     return None
 
 
-def first_gpu(backend, what: str):
-    """(the first GPU device, None), or (None, why `what` cannot run: not a GPU backend, or no
-    GPU device). backend: the one asked for, or None for jax.default_backend()."""
+# The oldest NVIDIA GPUs the Triton kernels run on (Turing).
+MIN_COMPUTE_CAPABILITY = (7, 5)
+
+
+def nvidia_gpu_reason(backend, what: str) -> str | None:
+    """None when `what` (a Triton kernel) can run here: a GPU backend whose first device is an
+    NVIDIA GPU of compute capability >= 7.5; otherwise why not. backend: the one asked for, or
+    None for jax.default_backend()."""
     backend = backend or jax.default_backend()
     if backend != "gpu":
-        return None, f"{what} needs a GPU backend, got {backend!r}"
+        return f"{what} needs a GPU backend, got {backend!r}"
     try:
-        return jax.devices("gpu")[0], None
+        device = jax.devices("gpu")[0]
     except RuntimeError as err:
-        return None, f"no GPU device: {err}"
+        return f"no GPU device: {err}"
+    kind = getattr(device, "device_kind", "?")
+    version = str(getattr(getattr(device, "client", None), "platform_version", "")).lower()
+    if "rocm" in version or "hip" in version:
+        return f"{what} targets NVIDIA GPUs, got {kind} ({version})"
+    cap = getattr(device, "compute_capability", None)
+    if cap is None:
+        return f"cannot read the compute capability of {kind}"
+    try:
+        major_minor = tuple(int(x) for x in str(cap).split(".")[:2])
+    except ValueError:
+        return f"{what} targets NVIDIA GPUs, got {kind} (compute capability {cap!r})"
+    if major_minor < MIN_COMPUTE_CAPABILITY:
+        return f"{what} needs compute capability >= 7.5, got {kind} ({cap})"
+    return None

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels._validation import first_gpu
+from pallas_kernels._validation import nvidia_gpu_reason
 
 __all__ = ["ConvBlockSizes", "causal_conv1d_silu_pallas", "conv_unsupported_reason"]
 
@@ -76,14 +76,7 @@ def conv_unsupported_reason(*, width, dtype, backend=None, interpret=False):
         return f"the conv kernel takes float32, bfloat16 or float16 inputs, got {dtype}"
     if interpret:
         return None
-    device, reason = first_gpu(backend, "the Triton conv kernel")
-    if reason is not None:
-        return reason
-    if "nvidia" not in getattr(device, "device_kind", "").lower() and not hasattr(
-        device, "compute_capability"
-    ):
-        return f"the Triton conv kernel needs an NVIDIA GPU, got {device.device_kind!r}"
-    return None
+    return nvidia_gpu_reason(backend, "the Triton conv kernel")
 
 
 def _check(x, state, kernel, bias):

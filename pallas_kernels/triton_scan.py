@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._validation import (
-    first_gpu,
     name_checkpoints,
+    nvidia_gpu_reason,
     size_reason,
     validate_scan_args,
     validate_segment_ids,
@@ -48,7 +48,6 @@ from pallas_kernels._validation import (
 __all__ = ["TritonBlockSizes", "selective_scan_triton", "triton_unsupported_reason"]
 
 MAX_D_STATE = 256
-MIN_COMPUTE_CAPABILITY = (7, 5)
 LOG2E = 1.4426950408889634
 # Warps a sequence split aims for: four per scheduler, 132 SMs x 4 x 4 (H100 / H200). On one H200
 # (2026-12-03) splitting towards 2112 warps below 4096 took fwd+bwd from 3.83 / 3.86 / 9.57 / 33.3
@@ -224,23 +223,7 @@ def triton_unsupported_reason(*, batch, length, d, n, groups, dtype, backend=Non
         return "jax-triton is not installed (pip install 'mamba-jax[cuda]')"
     except Exception as err:  # a broken install raises more than ImportError
         return f"jax-triton does not import: {type(err).__name__}: {err}"
-    device, reason = first_gpu(backend, "the Triton kernel")
-    if reason is not None:
-        return reason
-    kind = getattr(device, "device_kind", "?")
-    version = str(getattr(getattr(device, "client", None), "platform_version", "")).lower()
-    if "rocm" in version or "hip" in version:
-        return f"the Triton kernel targets NVIDIA GPUs, got {kind} ({version})"
-    cap = getattr(device, "compute_capability", None)
-    if cap is None:
-        return f"cannot read the compute capability of {kind}"
-    try:
-        major_minor = tuple(int(x) for x in str(cap).split(".")[:2])
-    except ValueError:
-        return f"the Triton kernel targets NVIDIA GPUs, got {kind} (compute capability {cap!r})"
-    if major_minor < MIN_COMPUTE_CAPABILITY:
-        return f"the Triton kernel needs compute capability >= 7.5, got {kind} ({cap})"
-    return None
+    return nvidia_gpu_reason(backend, "the Triton kernel")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -92,6 +92,30 @@ def test_impl_choice_on_cpu():
         CausalConv1d(8, 4, impl="cuda", rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize(
+    "version, cap, expect",
+    [("cuda 13.0", "9.0", None), ("cuda 13.0", "7.0", "compute capability >= 7.5"),
+     ("rocm 6.4", "gfx942", "targets NVIDIA GPUs"), ("cuda 13.0", None, "cannot read")],
+)  # fmt: skip
+def test_which_gpus_the_kernel_takes(monkeypatch, version, cap, expect):
+    """The Triton kernels' one GPU check (pallas_kernels._validation.nvidia_gpu_reason), on a
+    faked device: NVIDIA from compute capability 7.5, not ROCm."""
+    import types
+
+    client = types.SimpleNamespace(platform_version=version)
+    device = types.SimpleNamespace(device_kind="GPU X", client=client)
+    if cap is not None:
+        device.compute_capability = cap
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    reason = cc.conv_unsupported_reason(width=4, dtype=jnp.bfloat16, backend="gpu")
+    assert reason is None if expect is None else expect in reason
+    assert "needs a GPU backend" in cc.conv_unsupported_reason(width=4, dtype="bfloat16",
+                                                               backend="cpu")  # fmt: skip
+    assert "float32, bfloat16 or float16" in cc.conv_unsupported_reason(
+        width=4, dtype=jnp.int32, backend="gpu"
+    )
+
+
 @pytest.fixture
 def kernel_in_interpret_mode(monkeypatch):
     """The layers take the kernel path on CPU, running it in interpret mode; records calls."""
