@@ -79,9 +79,12 @@ def conv_unsupported_reason(*, width, dtype, backend=None, interpret=False):
     return nvidia_gpu_reason(backend, "the Triton conv kernel")
 
 
-def _check(x, state, kernel, bias):
-    if x.ndim != 3:
-        raise ValueError(f"x must be (b, l, e), got shape {x.shape}")
+def _check_x(x):
+    if x.ndim != 3 or 0 in x.shape:
+        raise ValueError(f"x must be (b, l, e) with no empty dimension, got shape {x.shape}")
+
+
+def _check(x, state, kernel, bias, out_dtype):
     bsz, _, e = x.shape
     if kernel.ndim != 2 or kernel.shape[1] != e:
         raise ValueError(f"kernel must be (w, e) with e={e}, got shape {kernel.shape}")
@@ -93,6 +96,8 @@ def _check(x, state, kernel, bias):
     for name, a in (("x", x), ("state", state), ("kernel", kernel), ("bias", bias)):
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise ValueError(f"{name} must be floating point, got {a.dtype}")
+    if not jnp.issubdtype(out_dtype, jnp.floating):
+        raise ValueError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +110,15 @@ class _Static:
 def causal_conv1d_silu_pallas(x, state, kernel, bias, out_dtype=None, *,
                               blocks: ConvBlockSizes | None = None, interpret: bool = False):  # fmt: skip
     """silu(causal depthwise conv(x) + bias) (see the module docstring). state None: zeros."""
+    _check_x(x)
     if state is None:
         state = jnp.zeros((x.shape[0], kernel.shape[0] - 1, x.shape[-1]), x.dtype)
-    _check(x, state, kernel, bias)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    _check(x, state, kernel, bias, out_dtype)
     reason = conv_unsupported_reason(width=kernel.shape[0], dtype=x.dtype, interpret=interpret)
     if reason is not None:
         raise ValueError(reason)
-    static = _Static(jnp.dtype(out_dtype or x.dtype), blocks or ConvBlockSizes(), interpret)
+    static = _Static(out_dtype, blocks or ConvBlockSizes(), interpret)
     return _conv(static, x, state, kernel, bias)
 
 

@@ -70,6 +70,10 @@ def test_bad_input():
         f(x, state[:, :2], kernel, bias)
     with pytest.raises(ValueError, match="bias must be"):
         f(x, state, kernel, bias[:3])
+    with pytest.raises(ValueError, match="no empty dimension"):
+        f(x[:, :0], state, kernel, bias)
+    with pytest.raises(ValueError, match="out_dtype must be a floating-point"):
+        f(x, state, kernel, bias, jnp.int8)
     with pytest.raises(ValueError, match="x must be floating"):
         f(x.astype(jnp.int32), state, kernel, bias)
     with pytest.raises(ValueError, match="widths 2..8"):
