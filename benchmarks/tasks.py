@@ -112,6 +112,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--scan-impl", default="fastest", choices=SCAN_IMPLS)
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     parser.add_argument("--out", default=None, help="write the record here")
+    parser.add_argument("--recipe", default=None, help="free text kept in the record's config")
+    parser.add_argument(
+        "--stages",
+        default=None,
+        help="a JSON-lines file of the training stages (one train summary per line), kept in "
+        "the record's config",
+    )
     args = parser.parse_args(argv)
     from mamba_jax.training.checkpoint import read_run_config, restore_model
 
@@ -133,6 +140,11 @@ def main(argv=None) -> dict:
         "train_min_lr": train.min_lr,
         "train_warmup_steps": train.warmup_steps,
     }
+    if args.recipe:
+        config["recipe"] = args.recipe
+    if args.stages:
+        with open(args.stages) as f:
+            config["stages"] = [json.loads(line) for line in f if line.strip()]
     summary = os.path.join(args.checkpoint, "train_summary.json")
     if os.path.exists(summary):  # written by train.py: wall time and final training metrics
         with open(summary) as f:
