@@ -27,6 +27,8 @@
 #   induction_heads_s6_lr3e-3 batch 8 at a constant 3e-3 for the whole budget: the recipe that
 #                             reaches 100% at every length to 2^20
 #   induction_heads_s6_lr1e-2 batch 8 at 1e-2 (does not learn)
+#   induction_heads_s6_then3e-3   the paper's 20,000 steps, then 3e-3 for IH_VAR_S seconds
+#   induction_heads_s6_long   the paper's recipe for IH_S6_S + IH_VAR_S seconds
 #   induction_heads_s6_b64 / _b64_lr3e-3 / _b64_lr1e-2   the same at batch 64 (1e-3, 3e-3, 1e-2)
 #   induction_heads_lti       the paper's recipe with model.selective=false
 #   selective_copying_s6      a length curriculum: L 256 for 150 s, then L 4096 for 270 s (the
@@ -48,6 +50,7 @@ SC_LONG_S=${SC_LONG_S:-270}
 SC_FLAT_S=${SC_FLAT_S:-290}
 SC_LTI_S=${SC_LTI_S:-60}
 SC_SHORT_LEN=${SC_SHORT_LEN:-256}
+SC_LONG_LEN=${SC_LONG_LEN:-4096}
 EVAL_S=${EVAL_S:-240}
 EVAL_IMPL=${EVAL_IMPL:-pallas}
 # The runs to make (names below). The default is the README's table: the recipes that reach the
@@ -65,23 +68,29 @@ mkdir -p "$OUT" "$RUNS"
 START=$(date +%s)
 
 # run NAME TASK STAGES [train.py overrides...]
-# STAGES: comma-separated LEN:SECONDS, trained in order, each resuming the one before.
+# STAGES: comma-separated LEN:SECONDS[:OVERRIDES], trained in order, each resuming the one before;
+# OVERRIDES are train.py overrides for that stage alone, separated by spaces.
 run() {
   local name=$1 task=$2 stages=$3
   shift 3
   case " $ONLY " in *" $name "* | "  ") ;; *) return 0 ;; esac
-  local ckpt="$RUNS/$name" t0 t1 t2 rc_train=0 rc_eval stage len seconds
+  local ckpt="$RUNS/$name" t0 t1 t2 rc_train=0 rc_eval stage len seconds rest stage_args
   rm -rf "$ckpt" "$OUT/$name.stages.jsonl"
   if [ -n "$CKPT_IN" ] && [ -f "$CKPT_IN/$name.ckpt.tar.gz" ]; then
     mkdir -p "$ckpt" && tar -xzf "$CKPT_IN/$name.ckpt.tar.gz" -C "$ckpt"
   fi
   t0=$(date +%s)
-  for stage in ${stages//,/ }; do
+  local stage_list
+  IFS=, read -r -a stage_list <<<"$stages"
+  for stage in "${stage_list[@]}"; do
     len=${stage%%:*}
-    seconds=${stage##*:}
+    rest=${stage#*:}
+    seconds=${rest%%:*}
+    stage_args=()
+    [ "$rest" != "$seconds" ] && read -r -a stage_args <<<"${rest#*:}"
     timeout $((seconds + 120)) "$PY" train.py --config "configs/$task.yaml" \
       checkpoint.dir="$ckpt" train.seq_len="$len" train.time_limit_s="$seconds" \
-      train.progress=false "$@" "${EXTRA_TRAIN[@]}" \
+      train.progress=false "$@" "${stage_args[@]}" "${EXTRA_TRAIN[@]}" \
       >>"$OUT/$name.train.log" 2>&1
     rc_train=$?
     "$PY" - "$ckpt/train_summary.json" "$len" "$seconds" "$rc_train" \
@@ -117,13 +126,18 @@ run induction_heads_s6_b64_lr3e-3 induction_heads "256:$IH_VAR_S" train.batch_si
   train.lr=3e-3 train.min_lr=3e-3 "$LONG_RUN" &
 run induction_heads_s6_b64_lr1e-2 induction_heads "256:$IH_VAR_S" train.batch_size=64 \
   train.lr=1e-2 train.min_lr=1e-2 "$LONG_RUN" &
+run induction_heads_s6_then3e-3 induction_heads \
+  "256:$IH_S6_S:train.stop_at=20000,256:$IH_VAR_S:train.lr=3e-3 train.min_lr=3e-3" \
+  train.batch_size=8 "$LONG_RUN" &
+run induction_heads_s6_long induction_heads "256:$((IH_S6_S + IH_VAR_S))" train.batch_size=8 \
+  "$LONG_RUN" &
 run induction_heads_lti induction_heads "256:$IH_LTI_S" model.selective=false \
   train.batch_size=8 &
-run selective_copying_s6 selective_copying "$SC_SHORT_LEN:$SC_SHORT_S,4096:$SC_LONG_S" "$LONG_RUN" &
-run selective_copying_s6_lr3e-3 selective_copying "$SC_SHORT_LEN:$SC_SHORT_S,4096:$SC_LONG_S" \
+run selective_copying_s6 selective_copying "$SC_SHORT_LEN:$SC_SHORT_S,$SC_LONG_LEN:$SC_LONG_S" "$LONG_RUN" &
+run selective_copying_s6_lr3e-3 selective_copying "$SC_SHORT_LEN:$SC_SHORT_S,$SC_LONG_LEN:$SC_LONG_S" \
   train.lr=3e-3 train.min_lr=3e-3 "$LONG_RUN" &
-run selective_copying_s6_flat selective_copying "4096:$SC_FLAT_S" "$LONG_RUN" &
-run selective_copying_lti selective_copying "$SC_SHORT_LEN:$SC_LTI_S,4096:$SC_LTI_S" \
+run selective_copying_s6_flat selective_copying "$SC_LONG_LEN:$SC_FLAT_S" "$LONG_RUN" &
+run selective_copying_lti selective_copying "$SC_SHORT_LEN:$SC_LTI_S,$SC_LONG_LEN:$SC_LTI_S" \
   model.selective=false "$LONG_RUN" &
 wait
 

@@ -2,6 +2,7 @@
 and the rivals' numbers in benchmarks/README.md, and the scan, tasks and profile scripts on CPU."""
 
 import json
+import os
 import re
 
 import jax
@@ -498,3 +499,50 @@ def test_train_loop_script_times_every_row_on_cpu():
         "step + data, async", "step + data, sync",
     ]  # fmt: skip
     assert all(r["median_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_tasks_gpu_script_runs_a_curriculum_and_keeps_its_stages(tmp_path):
+    """benchmarks/tasks_gpu.sh at toy size on CPU: a two-stage run (the length curriculum) trains,
+    resumes at the new length, brings its checkpoint back, and writes a record naming both
+    stages."""
+    import subprocess
+    import sys
+    import tarfile
+
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    env = dict(
+        os.environ, OUT=str(out), RUNS_DIR=str(runs), PYTHON=sys.executable,
+        ONLY="selective_copying_s6", SC_SHORT_LEN="40", SC_LONG_LEN="48", SC_SHORT_S="1",
+        SC_LONG_S="1", EVAL_IMPL="reference", JAX_PLATFORMS="cpu",
+        EXTRA_TRAIN="train.batch_size=2 train.eval_every=1 train.eval_batches=1 "
+        "train.log_every=1 model.d_model=16",
+        EXTRA_EVAL="--lengths 48 --num 2",
+    )  # fmt: skip
+    env.pop("XLA_FLAGS", None)  # one CPU device, not the suite's eight
+    subprocess.run(["bash", "benchmarks/tasks_gpu.sh"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    rec = br.load_record(out / "selective_copying_s6.json")
+    stages = rec.config["stages"]
+    assert [s["seq_len"] for s in stages] == [40, 48] and [s["rc"] for s in stages] == [0, 0]
+    assert stages[1]["start_step"] == stages[0]["step"] >= 1
+    assert rec.config["train_step"] == stages[1]["step"]
+    assert "40:1,48:1" in rec.config["recipe"] and [r["length"] for r in rec.rows] == [48]
+    with tarfile.open(out / "selective_copying_s6.ckpt.tar.gz") as tar:
+        assert f"./{stages[1]['step']}/_CHECKPOINT_METADATA" in tar.getnames()
+    status = json.loads((out / "selective_copying_s6.status").read_text())
+    assert status["train_rc"] == 0 and status["eval_rc"] == 0
+    assert "selective_copying_s6" in (out / "tasks_summary.jsonl").read_text()
+
+
+def test_plot_tasks_draws_the_committed_records(tmp_path):
+    from benchmarks import plot_tasks
+
+    folder = ROOT / "benchmarks" / "results" / "tasks_2026-12-03_NVIDIA_H200"
+    records = plot_tasks.induction_records([folder])
+    assert records and all(r.config["task"] == "induction_heads" for r in records)
+    png = plot_tasks.main([str(folder / "run2"), "--out", str(tmp_path / "ih.png")])
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no such file"):
+        plot_tasks.induction_records([tmp_path / "missing"])
+    with pytest.raises(ValueError, match="no induction_heads tasks records"):
+        plot_tasks.plot([], str(tmp_path / "none.png"))
