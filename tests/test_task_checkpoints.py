@@ -8,9 +8,9 @@ import tarfile
 
 import pytest
 
+from mamba_jax.model import with_config
 from mamba_jax.training.checkpoint import read_run_config, restore_model
 from mamba_jax.training.eval_tasks import EVAL_SEED, task_accuracy
-from mamba_jax.model import with_config
 from tests.conftest import ROOT
 
 CHECKPOINTS = ROOT / "benchmarks" / "checkpoints"
