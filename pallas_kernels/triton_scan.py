@@ -75,6 +75,10 @@ class TritonBlockSizes:
       across programs, towards target_warps (each split costs one extra pass over its tokens).
     target_warps: the warps a split aims for (default TARGET_WARPS, four per H200 scheduler).
     min_split_chunks: a split is never shorter than this many chunks.
+    bwd_sum_lanes: the backward sums the per-token dB and dC products over this many neighbouring
+      channels in the kernel (a power of two; None: all of a program's channels) and writes one
+      partial sum per group, which JAX adds up: fewer shuffle rounds per token, more partials
+      written. Capped at bwd_channels.
     """
 
     chunk: int | None = None
@@ -87,6 +91,7 @@ class TritonBlockSizes:
     min_programs: int = MIN_PROGRAMS
     min_split_chunks: int = 8
     target_warps: int = TARGET_WARPS
+    bwd_sum_lanes: int | None = None
 
     def __post_init__(self):
         for name in ("chunk", "fwd_chunk", "fwd_channels", "bwd_channels"):
@@ -95,7 +100,7 @@ class TritonBlockSizes:
                 raise ValueError(f"{name} must be a power of two >= 2, got {v}")
         if self.target_warps < 1:
             raise ValueError(f"target_warps must be positive, got {self.target_warps}")
-        for name in ("fwd_warps", "bwd_warps"):
+        for name in ("fwd_warps", "bwd_warps", "bwd_sum_lanes"):
             v = getattr(self, name)
             if v is not None and (v < 1 or v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two, got {v}")
@@ -119,6 +124,7 @@ class _Plan:
     bwd_split: int  # backward chunks per split
     fwd_warps: int
     bwd_warps: int
+    bwd_sum_lanes: int  # channels summed per dB / dC partial (divides bwd_channels)
     num_stages: int
     bc_mode: int  # B, C words: 0 fp32, 1 bf16 pairs
     softplus: bool
@@ -193,6 +199,7 @@ def make_plan(b, length, e, n, g, bs, *, softplus, has_z, has_seg, interpret,
         bwd_split=_chunks_per_split(bwd_warps, -(-length // chunk), bs),
         fwd_warps=fwd_w,
         bwd_warps=bwd_w,
+        bwd_sum_lanes=min(bs.bwd_sum_lanes or bwd_c, bwd_c),
         num_stages=bs.num_stages,
         bc_mode=_bc_mode(*bc_dtypes),
         softplus=bool(softplus),
@@ -485,7 +492,7 @@ def _backward(plan, res, gy, gh):
         carry_in = _chain_backward(p, q, gh)
     else:
         carry_in = gh[:, None]
-    blocks = g * nb
+    blocks = g * nb * (plan.bwd_channels // plan.bwd_sum_lanes)  # dB / dC partials per group
     outs = [
         jax.ShapeDtypeStruct(u.shape, u.dtype),
         jax.ShapeDtypeStruct(delta.shape, delta.dtype),
@@ -500,11 +507,11 @@ def _backward(plan, res, gy, gh):
     du, ddelta, dz, dB, dC, dA, dD, dbias, carry0 = _launch(
         plan, "_bwd_kernel", grid, plan.bwd_warps,
         [u, delta, z, gy, Bw, Cw, A2, D, bias, rst, ckpt, carry_in], outs,
-        {**sc, **flags, "BATCH": b, "NCK": plan.n_ckpt},
+        {**sc, **flags, "BATCH": b, "NCK": plan.n_ckpt, "SUM_LANES": plan.bwd_sum_lanes},
     )  # fmt: skip
     # Partial sums -> gradients (fixed order: deterministic).
-    dB = dB.reshape(g, nb, b, length, np_).sum(axis=1).transpose(1, 2, 0, 3)[..., :n]
-    dC = dC.reshape(g, nb, b, length, np_).sum(axis=1).transpose(1, 2, 0, 3)[..., :n]
+    dB = dB.reshape(g, -1, b, length, np_).sum(axis=1).transpose(1, 2, 0, 3)[..., :n]
+    dC = dC.reshape(g, -1, b, length, np_).sum(axis=1).transpose(1, 2, 0, 3)[..., :n]
     dA = _state_out(plan, dA.sum(axis=(0, 1)))
     dD = dD.sum(axis=(0, 1))
     dbias = dbias.sum(axis=(0, 1))

@@ -310,10 +310,12 @@ def _bwd_kernel(
     NC: tl.constexpr, CPS: tl.constexpr, NSPLIT: tl.constexpr, BATCH: tl.constexpr,
     BE: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_SEG: tl.constexpr, SOFTPLUS: tl.constexpr, NCK: tl.constexpr,
+    SUM_LANES: tl.constexpr,
 ):  # fmt: skip
     """ckpt: (b, NCK, NP, e) state before each chunk (NCK >= NC); carry: (b, NSPLIT, NP, e), the carry into
     each split's last token (a lam of the next token, or the final-state cotangent). Writes du,
-    ddelta, dz (b, L, e); db, dc: (blocks, b, L, NP) partial sums over the block's channels;
+    ddelta, dz (b, L, e); db, dc: (blocks * BE / SUM_LANES, b, L, NP) partial sums, each over
+    SUM_LANES neighbouring channels of a block (fewer lanes: fewer shuffles, more partials);
     da: (b, NSPLIT, NP, e), dd, dbias: (b, NSPLIT, e) partial sums over the split's tokens;
     carry0: (b, NSPLIT, NP, e), the carry out of the split's first token (split 0: d h0)."""
     grp, ch, mask_e, state_off, mask_s = _block_indices(E, P, NB, BE, NP)
@@ -326,8 +328,14 @@ def _bwd_kernel(
     z_p = z_ptr + tok
     g_p = gout_ptr + tok
     k = tl.arange(0, NP)
-    part_p = db_ptr + (pid_e * BATCH + bi) * L * NP + k
-    partc_p = dc_ptr + (pid_e * BATCH + bi) * L * NP + k
+    GR: tl.constexpr = BE // SUM_LANES
+    if GR == 1:
+        part_off = (pid_e * BATCH + bi) * L * NP + k
+    else:
+        gi = tl.arange(0, GR).to(tl.int64)
+        part_off = (((pid_e * GR + gi[None, :]) * BATCH + bi) * L * NP) + k[:, None]
+    part_p = db_ptr + part_off
+    partc_p = dc_ptr + part_off
     A2 = _masked(a_ptr + state_off, mask_s)
     Dv = _masked(d_ptr + ch, mask_e)
     bias = _masked(bias_ptr + ch, mask_e)
@@ -387,9 +395,16 @@ def _bwd_kernel(
                 y_pre = tl.sum(ht * ct, axis=0) + Dv * u
                 dz = g * y_pre * sz * (1.0 + zz * (1.0 - sz))
                 tl.store(dz_ptr + tok + t * E + ch, dz.to(dz_ptr.dtype.element_ty), mask=m)
-            mk = (k * 0 + t) < L
-            tl.store(partc_p + t * NP, tl.sum(gy[None, :] * ht, axis=1), mask=mk)
-            tl.store(part_p + t * NP, tl.sum(dtu[None, :] * lam, axis=1), mask=mk)
+            if GR == 1:
+                mk = (k * 0 + t) < L
+                tl.store(partc_p + t * NP, tl.sum(gy[None, :] * ht, axis=1), mask=mk)
+                tl.store(part_p + t * NP, tl.sum(dtu[None, :] * lam, axis=1), mask=mk)
+            else:
+                mk = (part_off * 0 + t) < L
+                pc = tl.sum(tl.reshape(gy[None, :] * ht, (NP, GR, SUM_LANES)), axis=2)
+                pb = tl.sum(tl.reshape(dtu[None, :] * lam, (NP, GR, SUM_LANES)), axis=2)
+                tl.store(partc_p + t * NP, pc, mask=mk)
+                tl.store(part_p + t * NP, pb, mask=mk)
             carry = _decay(dt, A2, rs, j, HAS_SEG) * lam
     tl.store(da_ptr + split_off, da_acc, mask=mask_s)
     tl.store(carry0_ptr + split_off, carry, mask=mask_s)

@@ -114,6 +114,20 @@ def test_block_sizes_validation():
         ts.TritonBlockSizes(fwd_warps=3)
     with pytest.raises(ValueError, match="target_warps"):
         ts.TritonBlockSizes(target_warps=0)
+    with pytest.raises(ValueError, match="bwd_sum_lanes"):
+        ts.TritonBlockSizes(bwd_sum_lanes=3)
+
+
+def test_bwd_sum_lanes_plan():
+    """The dB / dC partials sum over bwd_sum_lanes channels, at most a program's channels."""
+    kw = dict(softplus=True, has_z=True, has_seg=False, interpret=False)
+    default = ts.make_plan(8, 2048, 1536, 16, 1, ts.TritonBlockSizes(), **kw)
+    assert default.bwd_sum_lanes == default.bwd_channels == 32
+    eight = ts.make_plan(8, 2048, 1536, 16, 1, ts.TritonBlockSizes(bwd_sum_lanes=8), **kw)
+    assert eight.bwd_sum_lanes == 8
+    capped = ts.make_plan(8, 2048, 1536, 16, 1,
+                          ts.TritonBlockSizes(bwd_channels=16, bwd_sum_lanes=64), **kw)  # fmt: skip
+    assert capped.bwd_sum_lanes == 16
 
 
 def test_unsupported_reason_sizes():
@@ -194,6 +208,10 @@ INTERPRET_CASES = [
     # Forward chunks of 8 holding four checkpoints each, split forward and backward, segments.
     ("float32", 2, 37, 6, 3, 2, True, True, [[1, 4, 8, 12], [5]],
      dict(chunk=2, fwd_chunk=8, min_programs=64, min_split_chunks=1)),
+    # dB / dC partial sums over 2 and 1 channels of a 4-channel program, grouped, split.
+    ("float32", 2, 13, 6, 5, 2, True, True, [[1, 4, 8, 12], [5]],
+     dict(chunk=4, bwd_channels=4, bwd_sum_lanes=2, min_programs=64, min_split_chunks=1)),
+    ("bfloat16", 1, 9, 5, 3, 0, True, True, None, dict(chunk=4, bwd_channels=4, bwd_sum_lanes=1)),
 ]  # fmt: skip
 
 _INTERPRET_SCRIPT = """
@@ -270,6 +288,8 @@ GPU_CASES = [
     (jnp.float32, 1, 777, 200, 16, 0, True, True, ts.TritonBlockSizes(min_split_chunks=2)),
     (jnp.bfloat16, 1, 2000, 64, 16, 2, True, False,
      ts.TritonBlockSizes(chunk=32, fwd_channels=16, bwd_channels=8, min_split_chunks=4)),
+    # dB / dC partials over 8 channels, at an odd width and length.
+    (jnp.bfloat16, 2, 1001, 200, 16, 2, True, True, ts.TritonBlockSizes(bwd_sum_lanes=8)),
 ]  # fmt: skip
 
 
