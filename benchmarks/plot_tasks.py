@@ -83,9 +83,11 @@ def main(argv=None) -> str:
     parser.add_argument("paths", nargs="+", help="tasks record files or folders")
     parser.add_argument("--out", required=True, help="the PNG to write")
     args = parser.parse_args(argv)
-    records = induction_records(args.paths)
-    out = plot(records, args.out)
-    print(f"wrote {out} ({len(records)} records)")
+    try:
+        out = plot(induction_records(args.paths), args.out)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"wrote {out}")
     return out
 
 

@@ -86,6 +86,9 @@ run() {
     len=${stage%%:*}
     rest=${stage#*:}
     seconds=${rest%%:*}
+    case "$len:$seconds" in
+      *[!0-9:]* | :* | *:) echo "$name: stage '$stage' is not LEN:SECONDS[:OVERRIDES]" >&2; return 1 ;;
+    esac
     stage_args=()
     [ "$rest" != "$seconds" ] && read -r -a stage_args <<<"${rest#*:}"
     timeout $((seconds + 120)) "$PY" train.py --config "configs/$task.yaml" \

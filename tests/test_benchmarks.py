@@ -546,3 +546,6 @@ def test_plot_tasks_draws_the_committed_records(tmp_path):
         plot_tasks.induction_records([tmp_path / "missing"])
     with pytest.raises(ValueError, match="no induction_heads tasks records"):
         plot_tasks.plot([], str(tmp_path / "none.png"))
+    with pytest.raises(SystemExit) as exit_info:  # the command line: a one-line error
+        plot_tasks.main([str(tmp_path), "--out", str(tmp_path / "none.png")])
+    assert exit_info.value.code == 2
