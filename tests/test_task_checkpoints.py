@@ -29,7 +29,7 @@ def _restore(name, tmp_path):
     "name, task, lengths, num, record",
     [
         # Trained at 2^8; 2^12 is 16x the training length (the GPU record goes to 2^20).
-        ("induction_heads_s6_lr3e-3", "induction_heads", [256, 4096], 32,
+        ("induction_heads_s6_lr3e-3", "induction_heads", [4096], 32,
          "run2/induction_heads_s6_lr3e-3.json"),
         ("selective_copying_s6", "selective_copying", [4096], 8,
          "run3/selective_copying_s6.json"),
