@@ -49,10 +49,20 @@ __all__ = ["TritonBlockSizes", "selective_scan_triton", "triton_unsupported_reas
 
 MAX_D_STATE = 256
 LOG2E = 1.4426950408889634
-# Warps a sequence split aims for: four per scheduler, 132 SMs x 4 x 4 (H100 / H200). On one H200
-# (2026-12-03) splitting towards 2112 warps below 4096 took fwd+bwd from 3.83 / 3.86 / 9.57 / 33.3
-# ms to 2.82 / 3.37 / 7.31 / 18.0 at S1-S4 (one warp per scheduler, 528 below 256, was the default).
-TARGET_WARPS = 2112
+# Below MIN_PROGRAMS warps the sequence is split across programs. How far: by default so that the
+# programs fill whole waves of the GPU (`_split_for_waves`), given how many warps of each kernel an
+# SM holds at once (its registers: offline ptxas for sm_90 at 32 channels, d_state <= 16, gives
+# the forward 168 registers, 12 warps per SM, and the backward 255, 8 warps per SM; larger states
+# are taken at 255). `TritonBlockSizes(target_warps=...)` instead aims for a number of warps: on
+# one H200 (2026-12-03) aiming for 2112 took fwd+bwd from 3.83 / 3.86 / 9.57 / 33.3 ms to 2.82 /
+# 3.37 / 7.31 / 18.0 at S1-S4 (aiming for 528 below 256 warps was the default before).
+NUM_SMS = 132
+FWD_WARPS_PER_SM = 12
+BWD_WARPS_PER_SM = 8
+# The local pass of a split sequence, as a share of the main pass's work (SASS per token: forward
+# 197 / 240, backward 204 / 672): what a split must win back.
+FWD_LOCAL_COST = 0.8
+BWD_LOCAL_COST = 0.3
 MIN_PROGRAMS = 4096
 
 
@@ -71,14 +81,23 @@ class TritonBlockSizes:
       a thread owns a channel and its state entries; at 8 the state index spreads over 4 lanes
       (more, smaller programs; cheaper channel sums of dB and dC, dearer per-channel work).
     fwd_warps, bwd_warps: warps per program (None: one, more for very large tiles).
-    min_programs: below this many warps (batch x channel blocks x warps) the sequence is split
-      across programs, towards target_warps (each split costs one extra pass over its tokens).
-    target_warps: the warps a split aims for (default TARGET_WARPS, four per H200 scheduler).
+    min_programs: below this many warps (batch x channel blocks x warps) the sequence may be split
+      across programs (a split costs one extra, lighter pass over the tokens), by default into
+      as many pieces as fill whole waves of the GPU best.
+    target_warps: if set, the split aims for this many warps instead (the rule before the
+      wave-filling one; 2112 is four warps per H200 scheduler).
     min_split_chunks: a split is never shorter than this many chunks.
     bwd_sum_lanes: the backward sums the per-token dB and dC products over this many neighbouring
       channels in the kernel (a power of two; None: all of a program's channels) and writes one
       partial sum per group, which JAX adds up: fewer shuffle rounds per token, more partials
       written. Capped at bwd_channels.
+    bwd_scatter: the backward sums the dB and dC products over the channels by recursive
+      halving (each round a lane hands half of its rows to its partner and keeps the other
+      half): NP - NP / 2**R shuffles per token and sum instead of NP log2(channels). One partial
+      per program, as with the default sum; not combined with bwd_sum_lanes.
+    fwd_warps_per_sm, bwd_warps_per_sm: warps of the forward / backward kernel an SM holds at
+      once, for the wave-filling split (None: FWD_WARPS_PER_SM, BWD_WARPS_PER_SM at d_state <=
+      16, 8 above; set them when other block sizes change the kernels' registers).
     """
 
     chunk: int | None = None
@@ -90,20 +109,30 @@ class TritonBlockSizes:
     num_stages: int = 1
     min_programs: int = MIN_PROGRAMS
     min_split_chunks: int = 8
-    target_warps: int = TARGET_WARPS
+    target_warps: int | None = None
     bwd_sum_lanes: int | None = None
+    bwd_scatter: bool = False
+    fwd_warps_per_sm: int | None = None
+    bwd_warps_per_sm: int | None = None
 
     def __post_init__(self):
         for name in ("chunk", "fwd_chunk", "fwd_channels", "bwd_channels"):
             v = getattr(self, name)
             if v is not None and (v < 2 or v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two >= 2, got {v}")
-        if self.target_warps < 1:
+        if self.target_warps is not None and self.target_warps < 1:
             raise ValueError(f"target_warps must be positive, got {self.target_warps}")
+        for name in ("fwd_warps_per_sm", "bwd_warps_per_sm"):
+            v = getattr(self, name)
+            if v is not None and not 1 <= v <= 64:
+                raise ValueError(f"{name} must be in [1, 64], got {v}")
         for name in ("fwd_warps", "bwd_warps", "bwd_sum_lanes"):
             v = getattr(self, name)
             if v is not None and (v < 1 or v & (v - 1)):
                 raise ValueError(f"{name} must be a power of two, got {v}")
+        if self.bwd_scatter and self.bwd_sum_lanes is not None:
+            raise ValueError("bwd_scatter sums over all of a program's channels: leave "
+                             f"bwd_sum_lanes unset, got {self.bwd_sum_lanes}")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +154,7 @@ class _Plan:
     fwd_warps: int
     bwd_warps: int
     bwd_sum_lanes: int  # channels summed per dB / dC partial (divides bwd_channels)
+    bwd_scatter: int  # rounds of the halving sum of dB / dC (0: a plain sum)
     num_stages: int
     bc_mode: int  # B, C words: 0 fp32, 1 bf16 pairs
     softplus: bool
@@ -155,11 +185,39 @@ class _Plan:
         return -(-(self.fwd_chunks if fwd else self.n_chunks) // chunks_per_split)
 
 
-def _chunks_per_split(warps, n_chunks, bs):
+def _split_for_waves(warps, n_chunks, max_splits, capacity, local_cost):
+    """Chunks per split that minimise the time in waves: a split into s pieces runs warps x s
+    programs, ceil(warps x s / capacity) waves of n_chunks / s chunks each, plus the local pass
+    (local_cost of the main pass) when s > 1. Among costs within 3% of the best, the fewest
+    splits (the chaining between splits is not free)."""
+    costs = {}
+    for s in range(1, max_splits + 1):
+        cps = -(-n_chunks // s)
+        ns = -(-n_chunks // cps)
+        waves = -(-warps * ns // capacity)
+        costs.setdefault(ns, (waves * cps * (1.0 + (local_cost if ns > 1 else 0.0)), cps))
+    best = min(c for c, _ in costs.values())
+    return next(cps for ns, (c, cps) in sorted(costs.items()) if c <= 1.03 * best)
+
+
+def _capacity(num_sms, warps_per_sm, warps_per_program):
+    """Warps the GPU runs at once when a program has warps_per_program warps."""
+    return num_sms * max(1, warps_per_sm // warps_per_program) * warps_per_program
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the default device (NUM_SMS where it does not say)."""
+    return int(getattr(jax.devices()[0], "core_count", None) or NUM_SMS)
+
+
+def _chunks_per_split(warps, n_chunks, bs, capacity, local_cost):
     """Split the sequence only when the programs cannot fill the GPU."""
     if warps >= bs.min_programs:
         return n_chunks
-    splits = min(-(-bs.target_warps // warps), max(1, n_chunks // bs.min_split_chunks))
+    max_splits = max(1, n_chunks // bs.min_split_chunks)
+    if bs.target_warps is None:
+        return _split_for_waves(warps, n_chunks, max_splits, capacity, local_cost)
+    splits = min(-(-bs.target_warps // warps), max_splits)
     return -(-n_chunks // max(1, splits))
 
 
@@ -169,7 +227,7 @@ def _bc_mode(*dtypes):
 
 
 def make_plan(b, length, e, n, g, bs, *, softplus, has_z, has_seg, interpret,
-              bc_dtypes=(jnp.bfloat16,)) -> _Plan:  # fmt: skip
+              bc_dtypes=(jnp.bfloat16,), num_sms=NUM_SMS) -> _Plan:  # fmt: skip
     n_pad = max(2, _pow2(n))
     p = e // g
     # A thread per channel (32 per warp) with its state entries in registers up to d_state 64;
@@ -183,6 +241,8 @@ def make_plan(b, length, e, n, g, bs, *, softplus, has_z, has_seg, interpret,
     chunk = bs.chunk or max(2, min(4, 2048 * bwd_w // (n_pad * bwd_c)))
     fwd_chunk = max(chunk, bs.fwd_chunk)
     fwd_warps = b * g * -(-p // fwd_c) * fwd_w
+    fwd_per_sm = bs.fwd_warps_per_sm or (FWD_WARPS_PER_SM if n_pad <= 16 else 8)
+    bwd_per_sm = bs.bwd_warps_per_sm or (BWD_WARPS_PER_SM if n_pad <= 16 else 8)
     bwd_warps = b * g * -(-p // bwd_c) * bwd_w
     return _Plan(
         batch=b,
@@ -195,11 +255,25 @@ def make_plan(b, length, e, n, g, bs, *, softplus, has_z, has_seg, interpret,
         fwd_chunk=fwd_chunk,
         fwd_channels=fwd_c,
         bwd_channels=bwd_c,
-        fwd_split=_chunks_per_split(fwd_warps, -(-length // fwd_chunk), bs),
-        bwd_split=_chunks_per_split(bwd_warps, -(-length // chunk), bs),
+        fwd_split=_chunks_per_split(
+            fwd_warps,
+            -(-length // fwd_chunk),
+            bs,
+            _capacity(num_sms, fwd_per_sm, fwd_w),
+            FWD_LOCAL_COST,
+        ),
+        bwd_split=_chunks_per_split(
+            bwd_warps,
+            -(-length // chunk),
+            bs,
+            _capacity(num_sms, bwd_per_sm, bwd_w),
+            BWD_LOCAL_COST,
+        ),
         fwd_warps=fwd_w,
         bwd_warps=bwd_w,
         bwd_sum_lanes=min(bs.bwd_sum_lanes or bwd_c, bwd_c),
+        # Rounds within a warp's lanes; the sum over the rest (warps) is plain.
+        bwd_scatter=min(n_pad, bwd_c, 32).bit_length() - 1 if bs.bwd_scatter else 0,
         num_stages=bs.num_stages,
         bc_mode=_bc_mode(*bc_dtypes),
         softplus=bool(softplus),
@@ -507,7 +581,8 @@ def _backward(plan, res, gy, gh):
     du, ddelta, dz, dB, dC, dA, dD, dbias, carry0 = _launch(
         plan, "_bwd_kernel", grid, plan.bwd_warps,
         [u, delta, z, gy, Bw, Cw, A2, D, bias, rst, ckpt, carry_in], outs,
-        {**sc, **flags, "BATCH": b, "NCK": plan.n_ckpt, "SUM_LANES": plan.bwd_sum_lanes},
+        {**sc, **flags, "BATCH": b, "NCK": plan.n_ckpt, "SUM_LANES": plan.bwd_sum_lanes,
+         "SCATTER": plan.bwd_scatter},
     )  # fmt: skip
     # Partial sums -> gradients (fixed order: deterministic).
     dB = dB.reshape(g, -1, b, length, np_).sum(axis=1).transpose(1, 2, 0, 3)[..., :n]
@@ -578,7 +653,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     plan = make_plan(b, length, e, n, g, block_sizes or TritonBlockSizes(),
                      softplus=delta_softplus, has_z=z is not None,
                      has_seg=segment_ids is not None, interpret=interpret,
-                     bc_dtypes=(B.dtype, C.dtype))  # fmt: skip
+                     bc_dtypes=(B.dtype, C.dtype),
+                     num_sms=NUM_SMS if interpret else num_sms())  # fmt: skip
     f32 = jnp.float32
     Bg = B if B.ndim == 4 else B[:, :, None, :]
     Cg = C if C.ndim == 4 else C[:, :, None, :]

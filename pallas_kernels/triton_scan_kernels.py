@@ -255,6 +255,40 @@ def _gate(g, zs, j, m, HAS_Z: tl.constexpr):
 
 
 @triton.jit
+def _scatter_sum(x, NP: tl.constexpr, BE: tl.constexpr, R: tl.constexpr):
+    """The sums of an (NP, BE) tile's rows over its channels, by recursive halving: in round r
+    a channel keeps half of its rows (the upper half where bit r of its index is set) and hands
+    the other half to the channel that differs in bit r, adding what it receives. After R rounds
+    the (NP >> R, BE) tile is summed over the remaining channel bits. Returns (NP >> R, 2**R):
+    element (i, j) is the total of row _scatter_rows(i, j). Exchanging half the rows per round
+    costs NP - NP >> R shuffles per channel where a plain sum costs NP log2(BE)."""
+    lane = tl.arange(0, BE)
+    for r in tl.static_range(R):
+        halves = tl.permute(tl.reshape(x, (2, NP >> (r + 1), BE)), (1, 2, 0))
+        lo, hi = tl.split(halves)
+        up = ((lane >> r) & 1)[None, :] != 0
+        send = tl.where(up, lo, hi).to(tl.int32, bitcast=True)
+        keep = tl.where(up, hi, lo)
+        # The partner's half: the XOR over the pair is mine ^ theirs, exact for any bits.
+        pairs = tl.reshape(send, (NP >> (r + 1), BE >> (r + 1), 2, 1 << r))
+        both = tl.broadcast_to(tl.expand_dims(tl.xor_sum(pairs, axis=2), 2), pairs.shape)
+        recv = tl.reshape(both, (NP >> (r + 1), BE)) ^ send
+        x = keep + recv.to(tl.float32, bitcast=True)
+    return tl.sum(tl.reshape(x, (NP >> R, BE >> R, 1 << R)), axis=1)
+
+
+@triton.jit
+def _scatter_rows(NP: tl.constexpr, R: tl.constexpr):
+    """The row of each element of _scatter_sum's result: i plus, for each round k, NP >> (k + 1)
+    where bit k of j is set."""
+    j = tl.arange(0, 1 << R)
+    rows = tl.arange(0, NP >> R)[:, None] + j[None, :] * 0
+    for k in tl.static_range(R):
+        rows += ((j >> k) & 1)[None, :] * (NP >> (k + 1))
+    return rows
+
+
+@triton.jit
 def _bwd_local_kernel(
     delta_ptr, z_ptr, gout_ptr, c_ptr, a_ptr, bias_ptr, rst_ptr,
     p_ptr, q_ptr,
@@ -310,12 +344,13 @@ def _bwd_kernel(
     NC: tl.constexpr, CPS: tl.constexpr, NSPLIT: tl.constexpr, BATCH: tl.constexpr,
     BE: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_SEG: tl.constexpr, SOFTPLUS: tl.constexpr, NCK: tl.constexpr,
-    SUM_LANES: tl.constexpr,
+    SUM_LANES: tl.constexpr, SCATTER: tl.constexpr,
 ):  # fmt: skip
     """ckpt: (b, NCK, NP, e) state before each chunk (NCK >= NC); carry: (b, NSPLIT, NP, e), the carry into
     each split's last token (a lam of the next token, or the final-state cotangent). Writes du,
     ddelta, dz (b, L, e); db, dc: (blocks * BE / SUM_LANES, b, L, NP) partial sums, each over
-    SUM_LANES neighbouring channels of a block (fewer lanes: fewer shuffles, more partials);
+    SUM_LANES neighbouring channels of a block (fewer lanes: fewer shuffles, more partials),
+    or, when SCATTER > 0, one per block summed by _scatter_sum in SCATTER rounds;
     da: (b, NSPLIT, NP, e), dd, dbias: (b, NSPLIT, e) partial sums over the split's tokens;
     carry0: (b, NSPLIT, NP, e), the carry out of the split's first token (split 0: d h0)."""
     grp, ch, mask_e, state_off, mask_s = _block_indices(E, P, NB, BE, NP)
@@ -329,7 +364,9 @@ def _bwd_kernel(
     g_p = gout_ptr + tok
     k = tl.arange(0, NP)
     GR: tl.constexpr = BE // SUM_LANES
-    if GR == 1:
+    if SCATTER > 0:
+        part_off = (pid_e * BATCH + bi) * L * NP + _scatter_rows(NP, SCATTER)
+    elif GR == 1:
         part_off = (pid_e * BATCH + bi) * L * NP + k
     else:
         gi = tl.arange(0, GR).to(tl.int64)
@@ -395,7 +432,13 @@ def _bwd_kernel(
                 y_pre = tl.sum(ht * ct, axis=0) + Dv * u
                 dz = g * y_pre * sz * (1.0 + zz * (1.0 - sz))
                 tl.store(dz_ptr + tok + t * E + ch, dz.to(dz_ptr.dtype.element_ty), mask=m)
-            if GR == 1:
+            if SCATTER > 0:
+                mk = (part_off * 0 + t) < L
+                tl.store(partc_p + t * NP, _scatter_sum(gy[None, :] * ht, NP, BE, SCATTER), mask=mk)
+                tl.store(
+                    part_p + t * NP, _scatter_sum(dtu[None, :] * lam, NP, BE, SCATTER), mask=mk
+                )
+            elif GR == 1:
                 mk = (k * 0 + t) < L
                 tl.store(partc_p + t * NP, tl.sum(gy[None, :] * ht, axis=1), mask=mk)
                 tl.store(part_p + t * NP, tl.sum(dtu[None, :] * lam, axis=1), mask=mk)

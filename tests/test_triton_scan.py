@@ -5,6 +5,7 @@ in Triton's interpreter at tiny sizes. Marked gpu: the compiled kernels through 
 NVIDIA GPU at awkward sizes, and bitwise-deterministic gradients.
 """
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -171,25 +172,52 @@ def test_import_needs_no_triton():
 
 
 @pytest.mark.parametrize(
-    "b, e, length, splits",
-    [(8, 1536, 2048, 6), (4, 4096, 2048, 5), (2, 2048, 16384, 17), (1, 1536, 131072, 44)],
+    "b, e, length, fwd_splits, bwd_splits, old_splits",
+    [
+        (8, 1536, 2048, 4, 8, 6),
+        (4, 4096, 2048, 3, 2, 5),
+        (2, 2048, 16384, 12, 8, 17),
+        (1, 1536, 131072, 33, 22, 44),
+    ],
 )
-def test_default_plan(b, e, length, splits):
-    """S1-S4 at n 16: below MIN_PROGRAMS warps the sequence is split towards TARGET_WARPS (the
-    programs of S1-S4 alone cannot fill the GPU at four warps per scheduler)."""
-    plan = ts.make_plan(b, length, e, 16, 1, ts.TritonBlockSizes(), softplus=True, has_z=True,
-                        has_seg=False, interpret=False)  # fmt: skip
-    assert plan.n_splits(plan.bwd_split) == splits
+def test_default_plan(b, e, length, fwd_splits, bwd_splits, old_splits):
+    """S1-S4 at n 16 on 132 SMs: below MIN_PROGRAMS warps the sequence is split so that the
+    programs fill whole waves (12 forward and 8 backward warps per SM); target_warps keeps the
+    earlier rule (towards 2112 warps)."""
+    kw = dict(softplus=True, has_z=True, has_seg=False, interpret=False, num_sms=132)
+    plan = ts.make_plan(b, length, e, 16, 1, ts.TritonBlockSizes(), **kw)
+    fwd, bwd = plan.n_splits(plan.fwd_split, fwd=True), plan.n_splits(plan.bwd_split)
+    assert (fwd, bwd) == (fwd_splits, bwd_splits)
     assert plan.n_chunks * plan.chunk >= length
-    # The previous default (one warp per scheduler, split only below 256 warps) splits less.
-    fewer = ts.TritonBlockSizes(min_programs=256, target_warps=528)
-    p = ts.make_plan(b, length, e, 16, 1, fewer, softplus=True, has_z=True, has_seg=False,
-                     interpret=False)  # fmt: skip
-    assert p.n_splits(p.bwd_split) < splits
+    warps = b * e // 32
+    # S1-S3: the forward fills one wave of 132 x 12 warps to within 4%, without going over.
+    assert 0.96 * 132 * ts.FWD_WARPS_PER_SM <= warps * fwd <= 132 * ts.FWD_WARPS_PER_SM
+    # No other split count runs fewer waves per chunk (within the rule's 3% tie margin).
+    for s in range(1, plan.n_chunks // 8 + 1):
+        cps = -(-plan.n_chunks // s)
+        ns = -(-plan.n_chunks // cps)
+        cost = -(-warps * ns // (132 * ts.BWD_WARPS_PER_SM)) * cps * (1.3 if ns > 1 else 1.0)
+        best = -(-warps * bwd // (132 * ts.BWD_WARPS_PER_SM)) * plan.bwd_split * 1.3
+        assert best <= 1.03 * cost, (s, cost, best)
+    old = ts.make_plan(b, length, e, 16, 1, ts.TritonBlockSizes(target_warps=2112), **kw)
+    assert old.n_splits(old.bwd_split) == old_splits
+    # The GPU's size is an input: 58 SMs hold 696 forward warps at once.
+    small = ts.make_plan(b, length, e, 16, 1, ts.TritonBlockSizes(), **{**kw, "num_sms": 58})
+    assert small.fwd_split == ts._split_for_waves(
+        warps, plan.fwd_chunks, plan.fwd_chunks // 8, 58 * ts.FWD_WARPS_PER_SM, ts.FWD_LOCAL_COST
+    )
     for n in (1, 3, 64, 256):
-        p = ts.make_plan(b, length, e, n, 1, ts.TritonBlockSizes(), softplus=True, has_z=True,
-                         has_seg=False, interpret=False)  # fmt: skip
+        p = ts.make_plan(b, length, e, n, 1, ts.TritonBlockSizes(), **kw)
         assert p.n_pad >= n and p.fwd_channels * p.n_pad * p.chunk <= 8192
+
+
+def test_split_for_waves():
+    """The rule on its own: 384 warps, 512 chunks, 1056 warps at once: 8 splits (3 waves of 64
+    chunks) beat 2 (one wave of 256) and 11 (4 waves of 47) is within the 3% margin."""
+    assert ts._split_for_waves(384, 512, 64, 1056, 0.3) == 64
+    # Enough warps for a wave already: a split only adds the local pass.
+    assert ts._split_for_waves(2000, 512, 64, 1056, 0.3) == 512
+    assert ts._split_for_waves(10, 3, 1, 1056, 0.3) == 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +240,12 @@ INTERPRET_CASES = [
     ("float32", 2, 13, 6, 5, 2, True, True, [[1, 4, 8, 12], [5]],
      dict(chunk=4, bwd_channels=4, bwd_sum_lanes=2, min_programs=64, min_split_chunks=1)),
     ("bfloat16", 1, 9, 5, 3, 0, True, True, None, dict(chunk=4, bwd_channels=4, bwd_sum_lanes=1)),
+    # dB / dC summed by halving: 2 rounds over 8 state rows (2 rows left per channel), grouped,
+    # split, segments; then 2 rounds over 4 rows and a plain sum over the other 8 channel groups
+    # of a 32-channel program (two programs, the second mostly padding).
+    ("float32", 2, 13, 6, 5, 2, True, True, [[1, 4, 8, 12], [5]],
+     dict(chunk=4, bwd_channels=4, bwd_scatter=True, min_programs=64, min_split_chunks=1)),
+    ("bfloat16", 1, 9, 40, 3, 0, True, True, None, dict(chunk=4, bwd_scatter=True)),
 ]  # fmt: skip
 
 _INTERPRET_SCRIPT = """
@@ -290,13 +324,28 @@ GPU_CASES = [
      ts.TritonBlockSizes(chunk=32, fwd_channels=16, bwd_channels=8, min_split_chunks=4)),
     # dB / dC partials over 8 channels, at an odd width and length.
     (jnp.bfloat16, 2, 1001, 200, 16, 2, True, True, ts.TritonBlockSizes(bwd_sum_lanes=8)),
+    # dB / dC summed by halving: 4 rounds + a plain sum (n 16), 5 rounds leaving 2 rows per lane
+    # (n 64), 3 rounds over 8-channel programs (n 256).
+    (jnp.bfloat16, 2, 1001, 200, 16, 2, True, True, ts.TritonBlockSizes(bwd_scatter=True)),
+    (jnp.float32, 2, 257, 128, 64, 0, True, True, ts.TritonBlockSizes(bwd_scatter=True)),
+    (jnp.float32, 1, 70, 128, 256, 0, True, True, ts.TritonBlockSizes(bwd_scatter=True)),
 ]  # fmt: skip
 
 
+def _block_sizes_id(bs):
+    """The block sizes that differ from the defaults, e.g. "-bwd_scatter=True"."""
+    if bs is None:
+        return ""
+    default = ts.TritonBlockSizes()
+    changed = [f"{f.name}={getattr(bs, f.name)}" for f in dataclasses.fields(bs)
+               if getattr(bs, f.name) != getattr(default, f.name)]  # fmt: skip
+    return "-" + ",".join(changed)
+
+
 def _gpu_case_id(c):
-    split = "-split" if c[8] is not None else ""
     return (
-        f"{jnp.dtype(c[0]).name}-b{c[1]}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}-opt{c[6]}-sp{c[7]}{split}"
+        f"{jnp.dtype(c[0]).name}-b{c[1]}-L{c[2]}-e{c[3]}-n{c[4]}-g{c[5]}-opt{c[6]}-sp{c[7]}"
+        + _block_sizes_id(c[8])
     )
 
 
