@@ -464,6 +464,12 @@ def _sizes(plan, channels, chunks_per_split, fwd):
     )
 
 
+def _unroll(splits):
+    """The chain between splits unrolled (XLA fuses it; a while loop pays a launch and a
+    host round trip per split), in pieces of 8 beyond 64 splits to bound compile time."""
+    return True if splits <= 64 else 8
+
+
 def _chain_forward(p, s, h0):
     """p, s: (b, splits, NP, e): the start state of every split from h0, split k ending at
     p[k] h + s[k]."""
@@ -471,7 +477,9 @@ def _chain_forward(p, s, h0):
     def step(h, ps):
         return ps[0] * h + ps[1], h
 
-    _, starts = jax.lax.scan(step, h0, (jnp.moveaxis(p, 1, 0), jnp.moveaxis(s, 1, 0)))
+    _, starts = jax.lax.scan(
+        step, h0, (jnp.moveaxis(p, 1, 0), jnp.moveaxis(s, 1, 0)), unroll=_unroll(p.shape[1])
+    )
     return jnp.moveaxis(starts, 0, 1)
 
 
@@ -482,7 +490,8 @@ def _chain_backward(p, q, gh):
     def step(carry_in, pq):
         return pq[0] * carry_in + pq[1], carry_in
 
-    _, ins = jax.lax.scan(step, gh, (jnp.moveaxis(p, 1, 0), jnp.moveaxis(q, 1, 0)), reverse=True)
+    _, ins = jax.lax.scan(step, gh, (jnp.moveaxis(p, 1, 0), jnp.moveaxis(q, 1, 0)), reverse=True,
+                          unroll=_unroll(p.shape[1]))  # fmt: skip
     return jnp.moveaxis(ins, 0, 1)
 
 
