@@ -53,9 +53,9 @@ LOG2E = 1.4426950408889634
 # programs fill whole waves of the GPU (`_split_for_waves`), given how many warps of each kernel an
 # SM holds at once (its registers: offline ptxas for sm_90 at 32 channels, d_state <= 16, gives
 # the forward 168 registers, 12 warps per SM, and the backward 255, 8 warps per SM; larger states
-# are taken at 255). `TritonBlockSizes(target_warps=...)` instead aims for a number of warps: on
-# one H200 (2026-12-03) aiming for 2112 took fwd+bwd from 3.83 / 3.86 / 9.57 / 33.3 ms to 2.82 /
-# 3.37 / 7.31 / 18.0 at S1-S4 (aiming for 528 below 256 warps was the default before).
+# are taken at 255). `TritonBlockSizes(target_warps=...)` instead aims for a number of warps, the
+# rule before. On one H200 (2026-12-03, one run) filling waves took fwd+bwd at S1-S4 from 2.79 /
+# 3.36 / 7.26 / 17.99 ms (aiming for 2112 warps) to 2.27 / 2.97 / 5.95 / 17.50.
 NUM_SMS = 132
 FWD_WARPS_PER_SM = 12
 BWD_WARPS_PER_SM = 8
