@@ -205,7 +205,7 @@ def _capacity(num_sms, warps_per_sm, warps_per_program):
     return num_sms * max(1, warps_per_sm // warps_per_program) * warps_per_program
 
 
-def num_sms() -> int:
+def _num_sms() -> int:
     """Streaming multiprocessors of the default device (NUM_SMS where it does not say)."""
     return int(getattr(jax.devices()[0], "core_count", None) or NUM_SMS)
 
@@ -241,9 +241,12 @@ def make_plan(b, length, e, n, g, bs, *, softplus, has_z, has_seg, interpret,
     chunk = bs.chunk or max(2, min(4, 2048 * bwd_w // (n_pad * bwd_c)))
     fwd_chunk = max(chunk, bs.fwd_chunk)
     fwd_warps = b * g * -(-p // fwd_c) * fwd_w
+    bwd_warps = b * g * -(-p // bwd_c) * bwd_w
+    # Warps the GPU runs at once (d_state above 16: taken at 255 registers, 8 per SM).
     fwd_per_sm = bs.fwd_warps_per_sm or (FWD_WARPS_PER_SM if n_pad <= 16 else 8)
     bwd_per_sm = bs.bwd_warps_per_sm or (BWD_WARPS_PER_SM if n_pad <= 16 else 8)
-    bwd_warps = b * g * -(-p // bwd_c) * bwd_w
+    fwd_cap = _capacity(num_sms, fwd_per_sm, fwd_w)
+    bwd_cap = _capacity(num_sms, bwd_per_sm, bwd_w)
     return _Plan(
         batch=b,
         length=length,
@@ -256,19 +259,9 @@ def make_plan(b, length, e, n, g, bs, *, softplus, has_z, has_seg, interpret,
         fwd_channels=fwd_c,
         bwd_channels=bwd_c,
         fwd_split=_chunks_per_split(
-            fwd_warps,
-            -(-length // fwd_chunk),
-            bs,
-            _capacity(num_sms, fwd_per_sm, fwd_w),
-            FWD_LOCAL_COST,
+            fwd_warps, -(-length // fwd_chunk), bs, fwd_cap, FWD_LOCAL_COST
         ),
-        bwd_split=_chunks_per_split(
-            bwd_warps,
-            -(-length // chunk),
-            bs,
-            _capacity(num_sms, bwd_per_sm, bwd_w),
-            BWD_LOCAL_COST,
-        ),
+        bwd_split=_chunks_per_split(bwd_warps, -(-length // chunk), bs, bwd_cap, BWD_LOCAL_COST),
         fwd_warps=fwd_w,
         bwd_warps=bwd_w,
         bwd_sum_lanes=min(bs.bwd_sum_lanes or bwd_c, bwd_c),
@@ -663,7 +656,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                      softplus=delta_softplus, has_z=z is not None,
                      has_seg=segment_ids is not None, interpret=interpret,
                      bc_dtypes=(B.dtype, C.dtype),
-                     num_sms=NUM_SMS if interpret else num_sms())  # fmt: skip
+                     num_sms=NUM_SMS if interpret else _num_sms())  # fmt: skip
     f32 = jnp.float32
     Bg = B if B.ndim == 4 else B[:, :, None, :]
     Cg = C if C.ndim == 4 else C[:, :, None, :]

@@ -117,6 +117,23 @@ def test_block_sizes_validation():
         ts.TritonBlockSizes(target_warps=0)
     with pytest.raises(ValueError, match="bwd_sum_lanes"):
         ts.TritonBlockSizes(bwd_sum_lanes=3)
+    with pytest.raises(ValueError, match="fwd_warps_per_sm"):
+        ts.TritonBlockSizes(fwd_warps_per_sm=0)
+    with pytest.raises(ValueError, match="bwd_warps_per_sm"):
+        ts.TritonBlockSizes(bwd_warps_per_sm=65)
+    with pytest.raises(ValueError, match="bwd_scatter"):
+        ts.TritonBlockSizes(bwd_scatter=True, bwd_sum_lanes=8)
+
+
+def test_bwd_scatter_plan():
+    """The halving sum runs log2 of min(state rows, channels, 32) rounds; off by default."""
+    kw = dict(softplus=True, has_z=True, has_seg=False, interpret=False)
+    on = ts.TritonBlockSizes(bwd_scatter=True)
+    assert ts.make_plan(8, 2048, 1536, 16, 1, ts.TritonBlockSizes(), **kw).bwd_scatter == 0
+    assert ts.make_plan(8, 2048, 1536, 16, 1, on, **kw).bwd_scatter == 4  # 16 rows
+    assert ts.make_plan(8, 2048, 1536, 64, 1, on, **kw).bwd_scatter == 5  # 32 lanes
+    assert ts.make_plan(8, 2048, 1536, 256, 1, on, **kw).bwd_scatter == 3  # 8-channel programs
+    assert ts.make_plan(1, 9, 40, 3, 1, on, **kw).bwd_scatter == 2  # 4 rows
 
 
 def test_bwd_sum_lanes_plan():
