@@ -36,9 +36,9 @@ from pallas_kernels import _common as cm
 from pallas_kernels._common import W
 
 
-def _gate(gy, zz, y_pre):
+def _gate(gy, zz, y_pre, lay):
     """out = y_pre * silu(z): returns (d y_pre, dz)."""
-    sig = cm.sigmoid(zz)
+    sig = lay.gate_sigmoid(zz)
     silu = zz * sig
     return gy * silu, gy * y_pre * sig * (1.0 + zz * (1.0 - sig))
 
@@ -96,7 +96,8 @@ def adjoint_pass(
     """Pass 1: each chunk backwards from G = 0. Returns G at each chunk's start (b, c, e, n) and
     each chunk's sum of dt (b, c, e), which gives the chunk's decay exp(A sum dt)."""
     T, n = plan.tile, plan.n_pad
-    lay = cm.Lanes(1, n)  # the adjoint pass always runs 128-channel blocks
+    # The adjoint pass always runs 128-channel blocks.
+    lay = cm.Lanes(1, n, interpret, None if z is None else z.dtype)
     epg, tpc = plan.eblocks_per_group, plan.tiles_per_chunk
     has_z = z is not None
     has_reset = reset is not None
@@ -131,7 +132,7 @@ def adjoint_pass(
                 gys = lay.load_row(gy_s.at[t])
                 if has_z:
                     zz = lay.load_row(z_s.at[t])
-                    gys = gys * zz * cm.sigmoid(zz)
+                    gys = gys * zz * lay.gate_sigmoid(zz)
                 lam = G + lay.rows(gys) * lay.cols(lay.load_col(C_s.at[t]))
                 rt = cm.load_reset(R_s, t) if has_reset else None
                 return lay.decay(dt, A_r, rt) * lam, dts + dt
@@ -195,7 +196,7 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
     T, K, n = plan.tile, plan.sub, plan.n_pad
     shuffle = plan.bwd_reduce == "shuffle"
     R = dbc_round(plan)
-    lay = cm.Lanes(plan.bwd_lanes, n)
+    lay = cm.Lanes(plan.bwd_lanes, n, interpret, None if z is None else z.dtype)
     w = lay.w  # channels per block
     n_eblocks = plan.e_pad // w
     epg, tpc = n_eblocks // plan.g, plan.tiles_per_chunk
@@ -240,7 +241,9 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
 
             def token(t):
                 valid = tile_idx * T + t < plan.length
-                dt, ddt = cm.discretize(lay.load_row(d_s.at[t]), bias, valid, delta_softplus)
+                dt, ddt = cm.discretize(
+                    lay.load_row(d_s.at[t]), bias, valid, delta_softplus, lay.sigmoid
+                )
                 # The reset offset (a scalar, one register) travels with the token, so the
                 # reverse step's decay is the same expression as the recompute's (merged).
                 rt = cm.load_reset(R_s, t) if has_reset else None
@@ -275,7 +278,7 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
                     gys = lay.load_row(gy_s.at[t])
                     if has_z:
                         y_pre = jnp.sum(h_t * lay.cols(Ct), axis=1) + Dv * uu
-                        gys, dz = _gate(gys, lay.load_row(z_s.at[t]), y_pre)
+                        gys, dz = _gate(gys, lay.load_row(z_s.at[t]), y_pre, lay)
                         dz_s[slot, t] = dz.astype(dz_s.dtype)
                     lam = G + lay.rows(gys) * lay.cols(Ct)  # dL/dh_t
                     if shuffle:

@@ -45,7 +45,7 @@ def _step_inputs(plan, lay, refs, t, tile_idx, bias, delta_softplus):
 def state_pass(u, delta, B, A, bias, plan: cm.Plan, *, delta_softplus, reset=None, interpret=False):
     """Pass 1: every chunk from a zero state. Returns h_local (b, c, e, n) f32, sum dt (b, c, e)."""
     T, n = plan.tile, plan.n_pad
-    lay = cm.Lanes(plan.fwd_lanes, n)
+    lay = cm.Lanes(plan.fwd_lanes, n, interpret)
     w, n_eblocks = lay.w, plan.e_pad // lay.w
     epg = n_eblocks // plan.g
     has_reset = reset is not None
@@ -121,7 +121,7 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
     Returns y (b, l, e) in y_dtype (default u.dtype), the state after each chunk (b, c, e, n), and with
     save_checkpoints the state at each tile start (b, c * tiles_per_chunk, e, n), all f32."""
     T, n = plan.tile, plan.n_pad
-    lay = cm.Lanes(plan.fwd_lanes, n)
+    lay = cm.Lanes(plan.fwd_lanes, n, interpret, None if z is None else z.dtype)
     w, n_eblocks = lay.w, plan.e_pad // lay.w
     epg = n_eblocks // plan.g
     has_z = z is not None
@@ -173,7 +173,7 @@ def full_pass(u, delta, z, B, C, A, D, bias, h_start, plan: cm.Plan, *, delta_so
                 y = jnp.sum(h * lay.cols(Ct), axis=1) + Dv * uu  # (w,)
                 if has_z:
                     zz = lay.load_row(z_s.at[t])
-                    y = y * zz * cm.sigmoid(zz)
+                    y = y * zz * lay.gate_sigmoid(zz)
                 if plan.unroll:  # stored after the tile: no SMEM store between the loads
                     return h, out + (y.astype(ys.dtype),)
                 ys[t] = y.astype(ys.dtype)

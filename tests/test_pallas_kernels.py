@@ -428,6 +428,44 @@ def test_remat_policy_keeps_the_named_checkpoints_and_runs_one_forward_kernel(mo
     assert forward_kernels(jax.checkpoint_policies.nothing_saveable) == once + once
 
 
+@pytest.mark.parametrize("gate_dtype", [jnp.bfloat16, jnp.float16, jnp.float32, None])
+def test_lanes_sigmoids_match_jax(gate_dtype):
+    """The kernels' sigmoid and gate sigmoid, as interpret mode runs them (a division for 1 / v,
+    tanh exact on CPU): the formulas match jax.nn.sigmoid over the whole range, overflow of
+    e^-x included; the half-precision gate takes the tanh form, fp32 or no gate the other."""
+    from pallas_kernels._common import Lanes
+
+    x = jnp.concatenate([jnp.linspace(-100.0, 100.0, 4001), jnp.asarray([-1e30, 1e30, 0.0])])
+    want = jax.nn.sigmoid(x)
+    lay = Lanes(1, 16, interpret=True, gate_dtype=gate_dtype)
+    assert lay.approx_gate == (gate_dtype in (jnp.bfloat16, jnp.float16))
+    np.testing.assert_allclose(lay.sigmoid(x), want, rtol=1e-6, atol=0)
+    # 0.5 + 0.5 tanh(x / 2) rounds to the fp32 spacing at 0.5 (6e-8), so it has an absolute
+    # error there (on the GPU tanh.approx adds up to 2.5e-4, see Lanes.gate_sigmoid).
+    atol = 1.2e-7 if lay.approx_gate else 0
+    np.testing.assert_allclose(lay.gate_sigmoid(x), want, rtol=2e-6, atol=atol)
+
+
+def test_sigmoid_recip_lowers_to_one_rcp_instruction(monkeypatch):
+    """On the GPU, Lanes.recip is PTX rcp.approx.ftz.f32 (one MUFU instruction), not an IEEE
+    division; the half-precision gate is tanh.approx. Checked in the CUDA lowering's text."""
+    monkeypatch.setattr(pk, "unsupported_reason", lambda **kw: None)  # lowering needs no device
+    xs = list(make_args(2, 1, 40, 128, 16, 0, jnp.bfloat16, z=True).values())
+
+    def loss(*xs):
+        y, _ = pk.selective_scan_pallas(*xs[:8], delta_softplus=True)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    text = (
+        jax.jit(jax.grad(loss, argnums=(0, 1, 6)))
+        .trace(*xs)
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
+    assert "rcp.approx.ftz.f32" in text, "no approximate reciprocal in the kernels"
+    assert "tanh.approx.f32" in text, "no tanh in the half-precision gate"
+
+
 @pytest.mark.parametrize(
     "n, groups, segments", [(16, 0, False), (8, 2, True), (5, 1, False)], ids=str
 )
