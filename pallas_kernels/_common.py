@@ -270,7 +270,7 @@ class Lanes:
 
     def recip(self, x):
         """1 / x of a (w,) row as one MUFU instruction (PTX rcp.approx.ftz.f32, at most 1 ulp
-        from the rounded reciprocal; subnormal results flush to 0). `1 / x` in a kernel lowers to
+        off, where a division rounds correctly; subnormal results flush to 0). `1 / x` in a kernel lowers to
         an IEEE division instead: a reciprocal refined by FMAs and a range check that branches
         to a slow path. Interpret mode, which runs no Mosaic GPU code, divides."""
         if self.interpret:
@@ -293,11 +293,13 @@ class Lanes:
     def gate_sigmoid(self, z):
         """sigmoid(z) for the silu gate z sigmoid(z). With a half-precision z (gate_dtype bf16 or
         fp16) it is 0.5 + 0.5 tanh(z / 2) with the hardware tanh (tanh.approx.f32, relative error
-        at most 2^-11): one MUFU instruction and two FP32 ones, absolute error at most 2.5e-4 (an
-        eighth of a bf16 ulp at 0.5, about one fp16 ulp there); with an fp32 z, `sigmoid`. One
-        H200, 2026-12-03: 2-4% off the fwd + bwd time at S1 / S2 (pallas_kernels/NOTES.md,
-        "the sigmoid"). Not used for d softplus / d delta = sigmoid(delta + bias): that one is
-        mostly far below 0.5, where an absolute error of 2.5e-4 is a large relative one."""
+        at most 2^-11): one MUFU instruction and two FP32 ones, absolute error at most 2.5e-4 (a
+        sixteenth of the bf16 spacing and half the fp16 spacing just above 0.5); with an fp32 z,
+        `sigmoid`. One H200, 2026-12-03, against `sigmoid` everywhere: S2 fwd + bwd 1.432 ->
+        1.418 ms (two runs); with this form in d delta as well it was 1.380, and S1 1.164 ->
+        1.122 (pallas_kernels/NOTES.md, "the sigmoid"). It is not used for d softplus / d delta =
+        sigmoid(delta + bias): that one is mostly far below 0.5, where an absolute error of 2.5e-4
+        is a large relative one."""
         if self.approx_gate:
             return 0.5 + 0.5 * jnp.tanh(0.5 * z)
         return self.sigmoid(z)
@@ -342,20 +344,16 @@ def softplus(x):
     return jnp.where(x > 20.0, x, soft)
 
 
-def sigmoid(x):
-    return 1.0 / (1.0 + jnp.exp(-x))
-
-
-def discretize(delta_raw, bias, valid, delta_softplus, sigmoid=sigmoid):
-    """Returns dt' (masked to 0 past L) and d dt'/d delta (for the backward; `sigmoid` computes
-    it, e.g. Lanes.sigmoid)."""
+def discretize(delta_raw, bias, valid, delta_softplus, sigmoid=None):
+    """Returns dt' (masked to 0 past L) and, given `sigmoid` (Lanes.sigmoid; the backward's), its
+    derivative d dt'/d delta, else None."""
     x = delta_raw + bias
-    if delta_softplus:
-        dt = softplus(x)
-        ddt = jnp.where(x > 20.0, 1.0, sigmoid(x))
-    else:
-        dt, ddt = x, jnp.ones_like(x)
-    return jnp.where(valid, dt, 0.0), jnp.where(valid, ddt, 0.0)
+    dt = softplus(x) if delta_softplus else x
+    dt = jnp.where(valid, dt, 0.0)
+    if sigmoid is None:
+        return dt, None
+    ddt = jnp.where(x > 20.0, 1.0, sigmoid(x)) if delta_softplus else jnp.ones_like(x)
+    return dt, jnp.where(valid, ddt, 0.0)
 
 
 def compiler_params():
