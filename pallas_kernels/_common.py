@@ -340,19 +340,39 @@ def token_loop(n_tokens, step, carry, unroll):
 
 def softplus(x):
     """mamba_ssm's softplus: x above 20, else log(1 + e^x), written stably for large |x|."""
-    soft = jnp.maximum(x, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(x)))
-    return jnp.where(x > 20.0, x, soft)
+    return _softplus_parts(x)[0]
 
 
-def discretize(delta_raw, bias, valid, delta_softplus, sigmoid=None):
-    """Returns dt' (masked to 0 past L) and, given `sigmoid` (Lanes.sigmoid; the backward's), its
-    derivative d dt'/d delta, else None."""
+def _softplus_parts(x):
+    """(softplus(x), e, v) with e = e^-|x| and v = 1 + e: the backward derives sigmoid(x) from
+    the same e and v (`discretize`)."""
+    e = jnp.exp(-jnp.abs(x))
+    v = 1.0 + e
+    soft = jnp.maximum(x, 0.0) + jnp.log(v)
+    return jnp.where(x > 20.0, x, soft), e, v
+
+
+def discretize(delta_raw, bias, valid, delta_softplus, recip=None):
+    """Returns dt' (masked to 0 past L) and, given `recip` (Lanes.recip; the backward's), its
+    derivative d dt'/d delta, else None.
+
+    d softplus(x)/dx = sigmoid(x) comes from the softplus's own e = e^-|x| and v = 1 + e:
+    1 / v for x >= 0 and e / v below, so it costs one MUFU instruction (the reciprocal) on top
+    of the softplus's exp2 and lg2, where 1 / (1 + e^-x) would take a second exp2. Above 20,
+    1 / v rounds to 1 in fp32, the derivative of the identity that softplus is there."""
     x = delta_raw + bias
-    dt = softplus(x) if delta_softplus else x
+    if delta_softplus:
+        dt, e, v = _softplus_parts(x)
+    else:
+        dt = x
     dt = jnp.where(valid, dt, 0.0)
-    if sigmoid is None:
+    if recip is None:
         return dt, None
-    ddt = jnp.where(x > 20.0, 1.0, sigmoid(x)) if delta_softplus else jnp.ones_like(x)
+    if delta_softplus:
+        r = recip(v)
+        ddt = jnp.where(x >= 0.0, r, e * r)
+    else:
+        ddt = jnp.ones_like(x)
     return dt, jnp.where(valid, ddt, 0.0)
 
 

@@ -93,8 +93,10 @@ def _warp_sums(pc, pb, red_s, t, n, interpret):
 def adjoint_pass(
     delta, z, gy, C, A, bias, plan: cm.Plan, *, delta_softplus, reset=None, interpret=False
 ):
-    """Pass 1: each chunk backwards from G = 0. Returns G at each chunk's start (b, c, e, n) and
-    each chunk's sum of dt (b, c, e), which gives the chunk's decay exp(A sum dt)."""
+    """Pass 1: each chunk but the first backwards from G = 0. Returns G at the start of chunks 1
+    .. c - 1 (b, c - 1, e, n) and their sums of dt (b, c - 1, e), which give each chunk's decay
+    exp(A sum dt). The first chunk's map would only carry G to the sequence start, which no
+    other chunk needs (the main pass computes it), so it is not run."""
     T, n = plan.tile, plan.n_pad
     # The adjoint pass always runs 128-channel blocks.
     lay = cm.Lanes(1, n, interpret, None if z is None else z.dtype)
@@ -109,11 +111,11 @@ def adjoint_pass(
         gy_g, C_g = next(it), next(it)
         R_g = next(it) if has_reset else None
         A_g, bias_g, gloc_g, dts_g, g_s, dts_s = (next(it) for _ in range(6))
-        bi, eb, ci = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
+        bi, eb, co = (jax.lax.axis_index(a) for a in ("b", "e", "c"))
         e0 = pl.multiple_of(eb * W, W)
         A_r = lay.load_state(A_g.at[pl.ds(e0, W)])
         bias = lay.load_row(bias_g.at[pl.ds(e0, W)])
-        last = ci * tpc + tpc - 1
+        last = (co + 1) * tpc + tpc - 1  # chunk co + 1's last tile
 
         def body(idx, *srefs):
             it = iter(srefs)
@@ -159,11 +161,11 @@ def adjoint_pass(
         g_s[...] = G
         dts_s[...] = dts
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(g_s, gloc_g.at[bi, ci, pl.ds(e0, W)])
-        plgpu.copy_smem_to_gmem(dts_s, dts_g.at[bi, ci, pl.ds(e0, W)])
+        plgpu.copy_smem_to_gmem(g_s, gloc_g.at[bi, co, pl.ds(e0, W)])
+        plgpu.copy_smem_to_gmem(dts_s, dts_g.at[bi, co, pl.ds(e0, W)])
         plgpu.wait_smem_to_gmem(0)
 
-    b, c, e = plan.b, plan.n_chunks, plan.e_pad
+    b, c, e = plan.b, plan.n_chunks - 1, plan.e_pad
     ops = (delta,) + ((z,) if has_z else ()) + (gy, C) + ((reset,) if has_reset else ())
     ops += (A, bias)
     return plgpu.kernel(
@@ -242,7 +244,7 @@ def main_pass(u, delta, z, B, C, gy, ckpt, A, D, bias, G_end, plan: cm.Plan, *, 
             def token(t):
                 valid = tile_idx * T + t < plan.length
                 dt, ddt = cm.discretize(
-                    lay.load_row(d_s.at[t]), bias, valid, delta_softplus, lay.sigmoid
+                    lay.load_row(d_s.at[t]), bias, valid, delta_softplus, lay.recip
                 )
                 # The reset offset (a scalar, one register) travels with the token, so the
                 # reverse step's decay is the same expression as the recompute's (merged).
@@ -403,12 +405,14 @@ def backward(u, delta, z, B, C, A, D, bias, ckpt, gy, gh, plan: cm.Plan, *,
     plan = plan.backward()
     if plan.n_chunks > 1:
         kw = dict(delta_softplus=delta_softplus, reset=reset, interpret=interpret)
-        g_loc, dt_sum = adjoint_pass(delta, z, gy, C, A, bias, plan, **kw)
-        decay = jnp.exp2(dt_sum[..., None] * A)  # (b, c, e, n)
+        g_loc, dt_sum = adjoint_pass(delta, z, gy, C, A, bias, plan, **kw)  # chunks 1 .. c - 1
+        decay = jnp.exp2(dt_sum[..., None] * A)  # (b, c - 1, e, n)
         if reset is not None:
-            decay = decay * cm.chunk_alive(reset, plan.n_chunks)[:, :, None, None]
-        flip = lambda x: jnp.flip(x, axis=1)
-        G_end = flip(cm.chunk_combine(flip(decay), flip(g_loc), gh))
+            decay = decay * cm.chunk_alive(reset, plan.n_chunks)[:, 1:, None, None]
+        # G at chunk k's end is G at chunk k + 1's start: chunk_combine over the chunks in
+        # reverse, from gh, with one chunk beyond the first (its maps are never used).
+        flip = lambda x: jnp.flip(jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2)), axis=1)
+        G_end = jnp.flip(cm.chunk_combine(flip(decay), flip(g_loc), gh), axis=1)
     else:
         G_end = gh[:, None]
     outs = main_pass(

@@ -446,6 +446,33 @@ def test_lanes_sigmoids_match_jax(gate_dtype):
     np.testing.assert_allclose(lay.gate_sigmoid(x), want, rtol=2e-6, atol=atol)
 
 
+def test_discretize_derivative_matches_autodiff():
+    """discretize's d dt'/d delta, the sigmoid taken from the softplus's own e^-|x| (a division
+    for the reciprocal, as interpret mode runs it), against autodiff of mamba_ssm's softplus
+    (x above 20) over the whole range, to fp32 rounding in relative terms,, both sides of 0 and 20, overflow included; positions
+    past L (valid False) give dt' = 0 and a zero derivative; without softplus it is 1."""
+    from pallas_kernels import _common as cm
+
+    x = jnp.concatenate([jnp.linspace(-100.0, 100.0, 4001), jnp.asarray([-1e30, 1e30, 0.0])])
+    x = jnp.concatenate([x, jnp.asarray([20.0, np.nextafter(20.0, 21.0, dtype=np.float32)])])
+    ref = lambda v: jnp.where(v > 20.0, v, jax.nn.softplus(v))
+    bias = jnp.float32(0.25)
+    valid = jnp.arange(x.size) % 7 != 3
+    recip = cm.Lanes(1, 16, interpret=True).recip
+    delta = x - bias
+    x = delta + bias  # the sum discretize forms, rounded as it rounds it
+    dt, ddt = cm.discretize(delta, bias, valid, True, recip)
+    want_dt = jnp.where(valid, ref(x), 0.0)
+    want_ddt = jnp.where(valid, jax.vmap(jax.grad(ref))(x), 0.0)
+    # log(1 + e) rounds 1 + e first: dt' is off by up to the fp32 spacing at 1 (absolute).
+    np.testing.assert_allclose(dt, want_dt, rtol=1e-6, atol=1.2e-7)
+    np.testing.assert_allclose(ddt, want_ddt, rtol=1e-6, atol=1e-30)
+    assert cm.discretize(delta, bias, valid, True)[1] is None  # the forward's: no derivative
+    dt, ddt = cm.discretize(delta, bias, valid, False, recip)
+    np.testing.assert_allclose(dt, jnp.where(valid, x, 0.0), rtol=1e-6)
+    np.testing.assert_array_equal(ddt, valid.astype(jnp.float32))
+
+
 def test_sigmoid_recip_lowers_to_one_rcp_instruction(monkeypatch):
     """On the GPU, Lanes.recip is PTX rcp.approx.ftz.f32 (one MUFU instruction), not an IEEE
     division; the half-precision gate is tanh.approx. Checked in the CUDA lowering's text."""
