@@ -37,10 +37,17 @@ class BlockSizes:
       a multiple of 32 / n_block, the tokens per channel-sum round of dB and dC.
     chunks: sequence chunks run in parallel, forward and backward (None: automatic, see
       split_below and target_blocks).
-    target_blocks: blocks aimed for when the sequence is split automatically.
+    target_blocks: blocks the forward aims for when it splits the sequence automatically.
+    bwd_slots: blocks of the backward's main pass the GPU runs at once (two per SM: it sits at
+      the 255-register cap). With chunks=None the backward takes, among the chunk counts c (the
+      divisors of the tiles) whose blocks fill these slots, the one that runs them in the least
+      waves x (L / c + a block's fixed cost, `backward_chunks`), then the fewest (each chunk
+      but the first costs an adjoint pass over it). One H200, 2026-12-03, S2
+      (128 blocks): 4 chunks 1.314-1.317 ms fwd + bwd against 1.357 for the 8 that aiming at
+      792 blocks took; S1 (96 blocks): 8 chunks, 4 would be 1.297 against 1.116 (NOTES.md).
     split_below: with chunks=None, the forward splits the sequence only when batch x channel
-      blocks are fewer than this (two thirds of the SMs); the backward always splits towards
-      target_blocks. 0: the forward always splits too.
+      blocks are fewer than this (two thirds of the SMs); the backward always splits (see
+      bwd_slots). 0: the forward always splits too.
     unroll: token loops as straight-line code (static token indices), so the compiler overlaps
       the loads and exponentials of a tile's tokens; False keeps a loop per tile.
     stages: input tiles in flight in the TMA pipeline (max_concurrent_steps), at least 2.
@@ -72,12 +79,15 @@ class BlockSizes:
     stages: int = 2
     bwd_lanes: int = 1
     fwd_lanes: int | None = None
+    bwd_slots: int = 2 * NUM_SMS_HOPPER
 
     def __post_init__(self):
         if self.bwd_lanes not in (1, 2):
             raise ValueError(f"BlockSizes: bwd_lanes must be 1 or 2, got {self.bwd_lanes!r}")
         if self.fwd_lanes not in (None, 1, 2):
             raise ValueError(f"BlockSizes: fwd_lanes must be None, 1 or 2, got {self.fwd_lanes!r}")
+        if self.bwd_slots < 1:
+            raise ValueError(f"BlockSizes: bwd_slots must be at least 1, got {self.bwd_slots}")
         if self.stages < 2:
             raise ValueError(f"BlockSizes: stages={self.stages} must be at least 2")
         if self.sub is not None and (self.tile < 1 or self.sub < 1 or self.tile % self.sub):
@@ -169,7 +179,7 @@ def make_plan(b, length, e, n, g, block_sizes: BlockSizes) -> Plan:
         chunks = 1 if fwd_blocks >= block_sizes.split_below > 0 else split
         # The backward's main pass counts blocks of its own width (64 channels with 2 lanes).
         bwd_blocks = blocks * block_sizes.bwd_lanes
-        bwd_chunks = nearest(max(1, -(-block_sizes.target_blocks // bwd_blocks)))
+        bwd_chunks = backward_chunks(bwd_blocks, n_tiles, tile, divisors, block_sizes.bwd_slots)
     if block_sizes.fwd_lanes is None and chunks == 1:
         # Measured (NOTES.md, variant 8b): unsplit, two lanes take fwd + bwd 4% faster at S1 / S2
         # (the forward alone is unchanged); split, the forward is 16-18% slower with them.
@@ -181,6 +191,22 @@ def make_plan(b, length, e, n, g, block_sizes: BlockSizes) -> Plan:
     return Plan(b, length, e, n, g, g * p_pad, n_pad, tile, sub, n_tiles, tiles_per_chunk,
                 chunks, n_split, reduce, block_sizes.unroll, block_sizes.stages,
                 bwd_chunks, block_sizes.bwd_lanes, fwd_lanes)  # fmt: skip
+
+
+# A block's fixed cost in the backward's chunk choice, in tokens (pipeline fill, loading A and G,
+# the final stores): an estimate, not measured. It only breaks near-ties between chunk counts.
+BLOCK_OVERHEAD_TOKENS = 32
+
+
+def backward_chunks(blocks, n_tiles, tile, divisors, slots):
+    """Chunks of the backward (BlockSizes.bwd_slots): among the divisors c whose blocks fill the
+    `slots` (blocks c >= slots), the one with the least waves x (chunk tokens + a block's fixed
+    cost), then the fewest; the most chunks when none fills them."""
+    fill = [c for c in divisors if blocks * c >= slots]
+    if not fill:
+        return max(divisors)
+    waves = lambda c: -(-blocks * c // slots)
+    return min(fill, key=lambda c: (waves(c) * (n_tiles // c * tile + BLOCK_OVERHEAD_TOKENS), c))
 
 
 def pad_channels(x, plan: Plan, axis):

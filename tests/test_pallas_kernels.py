@@ -138,8 +138,10 @@ def test_block_sizes_bwd_reduce():
     # the backward's split counted in 64-channel blocks.
     two = plan(16, bwd_lanes=2, bwd_reduce="shuffle", chunks=None)
     assert (two.bwd_reduce, two.sub, two.bwd_lanes) == ("smem", 8, 2)
-    assert plan(16, target_blocks=8).bwd_chunks == 8
-    assert plan(16, target_blocks=8, bwd_lanes=2).bwd_chunks == 4
+    assert plan(16, bwd_slots=8).bwd_chunks == 8
+    assert plan(16, bwd_slots=8, bwd_lanes=2).bwd_chunks == 4
+    with pytest.raises(ValueError, match="bwd_slots"):
+        pk.BlockSizes(bwd_slots=0)
     with pytest.raises(ValueError, match="bwd_lanes"):
         pk.BlockSizes(bwd_lanes=4)
     with pytest.raises(ValueError, match="fwd_lanes"):
@@ -154,17 +156,19 @@ def test_block_sizes_bwd_reduce():
 
 
 @pytest.mark.parametrize(
-    "b, e, length, fwd_chunks, fwd_lanes",
-    [(8, 1536, 2048, 1, 2), (4, 4096, 2048, 1, 2), (2, 2048, 16384, 32, 1),
-     (1, 1536, 131072, 64, 1)],
+    "b, e, length, fwd_chunks, fwd_lanes, bwd_chunks",
+    [(8, 1536, 2048, 1, 2, 8), (4, 4096, 2048, 1, 2, 4), (2, 2048, 16384, 32, 1, 16),
+     (1, 1536, 131072, 64, 1, 64)],
 )  # fmt: skip
-def test_default_split_policy(b, e, length, fwd_chunks, fwd_lanes):
+def test_default_split_policy(b, e, length, fwd_chunks, fwd_lanes, bwd_chunks):
     """The issue's S1-S4: the forward splits only when the blocks cannot fill the GPU, and runs
-    two lanes per channel when it does not split; the backward always splits towards
-    target_blocks."""
+    two lanes per channel when it does not split; the backward splits into the chunks whose
+    blocks fill the 2 x 132 slots in the least waves x (L / c + 32): S1's 96 blocks x 8 = 768
+    (3 waves of L / 8; 4 chunks take 2 of L / 4), S2's 128 x 4 = 512 (2 waves of L / 4; 8
+    chunks take 4 of L / 8, plus the fixed costs), S3's 32 x 16 and S4's 12 x 64 = 768."""
     plan = make_plan(b, length, e, 16, 1, pk.BlockSizes())
-    assert (plan.n_chunks, plan.fwd_lanes) == (fwd_chunks, fwd_lanes)
-    assert plan.bwd_chunks > 1 and plan.backward().n_chunks == plan.bwd_chunks
+    assert (plan.n_chunks, plan.fwd_lanes, plan.bwd_chunks) == (fwd_chunks, fwd_lanes, bwd_chunks)
+    assert plan.backward().n_chunks == plan.bwd_chunks
     assert plan.backward().tiles_per_chunk * plan.bwd_chunks == plan.n_tiles
 
 
