@@ -36,14 +36,14 @@ class BlockSizes:
     sub: tokens whose states the backward keeps in registers at once (divides tile); rounded up to
       a multiple of 32 / n_block, the tokens per channel-sum round of dB and dC.
     chunks: sequence chunks run in parallel, forward and backward (None: automatic, see
-      split_below and target_blocks).
+      split_below and target_blocks for the forward, bwd_slots for the backward).
     target_blocks: blocks the forward aims for when it splits the sequence automatically.
     bwd_slots: blocks of the backward's main pass the GPU runs at once (two per SM: it sits at
       the 255-register cap). With chunks=None the backward takes, among the chunk counts c (the
       divisors of the tiles) whose blocks fill these slots, the one that runs them in the least
       waves x (L / c + a block's fixed cost, `backward_chunks`), then the fewest (each chunk
-      but the first costs an adjoint pass over it). One H200, 2026-12-03, S2
-      (128 blocks): 4 chunks 1.314-1.317 ms fwd + bwd against 1.357 for the 8 that aiming at
+      but the first costs an adjoint pass over it). One H200, 2026-12-03, S2 (128 blocks):
+      4 chunks 1.314-1.317 ms fwd + bwd against 1.357 for the 8 that aiming at
       792 blocks took; S1 (96 blocks): 8 chunks, 4 would be 1.297 against 1.116 (NOTES.md).
     split_below: with chunks=None, the forward splits the sequence only when batch x channel
       blocks are fewer than this (two thirds of the SMs); the backward always splits (see
