@@ -453,8 +453,9 @@ def test_lanes_sigmoids_match_jax(gate_dtype):
 def test_discretize_derivative_matches_autodiff():
     """discretize's d dt'/d delta, the sigmoid taken from the softplus's own e^-|x| (a division
     for the reciprocal, as interpret mode runs it), against autodiff of mamba_ssm's softplus
-    (x above 20) over the whole range, to fp32 rounding in relative terms,, both sides of 0 and 20, overflow included; positions
-    past L (valid False) give dt' = 0 and a zero derivative; without softplus it is 1."""
+    (x above 20) to fp32 rounding in relative terms, over the whole range: both sides of 0 and
+    20, overflow included. Positions past L (valid False) give dt' = 0 and a zero derivative;
+    without softplus the derivative is 1."""
     from pallas_kernels import _common as cm
 
     x = jnp.concatenate([jnp.linspace(-100.0, 100.0, 4001), jnp.asarray([-1e30, 1e30, 0.0])])
